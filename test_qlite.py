@@ -1,0 +1,707 @@
+"""Tests for qlite.py: real sockets on 127.0.0.1, a fake Ollama, assertions on bytes.
+
+The fake Ollama below speaks HTTP/1.1 the way Ollama does (see ollama-wire.md): NDJSON streams
+with one line per chunk, `Date` and `Content-Type` only, JSON errors. What it does is chosen by
+fields in the request's JSON body, so the same fake can run in its own process for the benchmark:
+`python test_qlite.py --fake-ollama PORT`.
+"""
+
+import json
+import os
+import queue
+import re
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+QLITE = os.path.join(HERE, "qlite.py")
+sys.path.insert(0, HERE)
+import qlite  # noqa: E402  (the pure wire helpers are tested directly too)
+
+TIMEOUT = 10.0
+
+
+def wait_for(condition, timeout=TIMEOUT, message="condition"):
+    """Poll until condition() is true; fail the test after timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError("timed out waiting for " + message)
+
+
+# ======================================================================== fake Ollama
+
+def http_date():
+    return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())
+
+
+class FakeOllama:
+    """An Ollama look-alike: one thread per connection, keep-alive, scripted misbehaviour."""
+
+    def __init__(self, port=0):
+        self.listener = socket.create_server(("127.0.0.1", port), backlog=512)
+        self.port = self.listener.getsockname()[1]
+        self.requests = []              # every request received: dicts
+        self.peer_closed = 0            # streams whose client hung up while we were working
+        self.connections = 0
+        self.release = threading.Event()  # lets held streams finish
+        self.lock = threading.Condition()
+        self.running = True
+        threading.Thread(target=self.accept_loop, daemon=True).start()
+
+    def stop(self):
+        self.running = False
+        self.release.set()
+        self.listener.close()
+
+    def count(self, path):
+        with self.lock:
+            return sum(1 for r in self.requests if r["path"] == path)
+
+    def accept_loop(self):
+        while self.running:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.connections += 1
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def serve(self, conn):
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buf = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                lines = head.decode("latin-1").split("\r\n")
+                method, target, _ = lines[0].split(" ")
+                headers = [tuple(x.strip() for x in line.split(":", 1)) for line in lines[1:]]
+                hmap = {k.lower(): v for k, v in headers}
+                length = int(hmap.get("content-length", 0))
+                while len(buf) < length:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                body, buf = buf[:length], buf[length:]
+                req = {"method": method, "target": target, "path": target.split("?")[0],
+                       "headers": headers, "hmap": hmap, "body": body, "raw_head": head}
+                with self.lock:
+                    self.requests.append(req)
+                    self.lock.notify_all()
+                if not self.respond(conn, req):
+                    return
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    # ---- helpers for responses
+    def wait_peer(self, conn, timeout=60.0):
+        """Wait for release or for the client to hang up; True when it hung up."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.release.is_set():
+            readable, _, _ = select.select([conn], [], [], 0.02)
+            if readable:
+                try:
+                    if conn.recv(1, socket.MSG_PEEK) == b"":
+                        raise ConnectionResetError
+                except OSError:
+                    with self.lock:
+                        self.peer_closed += 1
+                        self.lock.notify_all()
+                    return True
+        return False
+
+    def peer_gone(self, conn):
+        readable, _, _ = select.select([conn], [], [], 0)
+        if readable:
+            try:
+                return conn.recv(1, socket.MSG_PEEK) == b""
+            except OSError:
+                return True
+        return False
+
+    @staticmethod
+    def reset(conn):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    def send_head(self, conn, status, ctype, extra=""):
+        reason = {200: "OK", 201: "Created", 400: "Bad Request", 403: "Forbidden",
+                  404: "Not Found", 500: "Internal Server Error",
+                  503: "Service Unavailable"}.get(status, "Status")
+        conn.sendall(("HTTP/1.1 %d %s\r\nContent-Type: %s\r\nDate: %s\r\n%s\r\n"
+                      % (status, reason, ctype, http_date(), extra)).encode())
+
+    def send_json(self, conn, status, obj, ctype="application/json; charset=utf-8"):
+        body = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+        if len(body) <= 2048:  # Go's net/http: a length for small bodies, chunks above that
+            self.send_head(conn, status, ctype, "Content-Length: %d\r\n" % len(body))
+            conn.sendall(body)
+        else:
+            self.send_head(conn, status, ctype, "Transfer-Encoding: chunked\r\n")
+            conn.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        return True
+
+    # ---- routes
+    def respond(self, conn, req):
+        path, method = req["path"], req["method"]
+        host = req["hmap"].get("host", "")
+        if host not in ("127.0.0.1:%d" % self.port, "localhost:%d" % self.port):
+            self.send_head(conn, 403, "text/plain", "Content-Length: 0\r\n")
+            return True
+        if path == "/" and method in ("GET", "HEAD"):
+            self.send_head(conn, 200, "text/plain; charset=utf-8", "Content-Length: 17\r\n")
+            if method == "GET":
+                conn.sendall(b"Ollama is running")
+            return True
+        if path == "/api/version":
+            return self.send_json(conn, 200, {"version": "0.12.6"})
+        if path == "/api/tags":
+            return self.send_json(conn, 200, {"models": [{"name": "fake:latest"}]})
+        if path == "/echo":  # what reached the upstream, for header and body assertions
+            return self.send_json(conn, 200, {"method": method, "target": req["target"],
+                                              "headers": req["headers"],
+                                              "body": req["body"].decode("latin-1")})
+        if path in ("/api/delete", "/api/copy") and method in ("DELETE", "POST"):
+            self.send_head(conn, 200, "text/plain", "Content-Length: 0\r\n")
+            return True
+        if path in ("/api/generate", "/api/chat", "/api/pull", "/v1/chat/completions", "/raw"):
+            try:
+                opts = json.loads(req["body"] or b"{}")
+            except ValueError:
+                return self.send_json(conn, 400, {"error": "invalid JSON"})
+            return self.generate(conn, path, opts if isinstance(opts, dict) else {})
+        self.send_head(conn, 404, "text/plain", "Content-Length: 18\r\n")
+        conn.sendall(b"404 page not found")
+        return True
+
+    def generate(self, conn, path, opts):
+        """Stream tokens as Ollama would; options in the body script delays and failures."""
+        n, delay = int(opts.get("n", 3)), float(opts.get("delay", 0))
+        fail, fail_after = opts.get("fail"), int(opts.get("fail_after", 1))
+        if "status" in opts:
+            return self.send_json(conn, int(opts["status"]), {"error": opts.get("error", "boom")})
+        if fail == "silent":
+            self.wait_peer(conn)
+            return False
+        if fail == "reset_now":
+            self.reset(conn)
+            return False
+        if fail == "close_now":
+            return False
+        if opts.get("hold_before_head"):
+            if self.wait_peer(conn):
+                return False
+        sse = path.startswith("/v1/")
+        records = self.records(path, opts, n)
+        if opts.get("stream") is False and sse:
+            return self.send_json(conn, 200, {
+                "id": "c1", "object": "chat.completion", "created": 1, "model": "fake",
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": "tok0"}}]})
+        if opts.get("stream") is False:
+            return self.send_json(conn, 200, json.loads(records[-1]))
+        ctype = {"/raw": "text/plain", "/v1/chat/completions": "text/event-stream"}.get(
+            path, "application/x-ndjson")
+        framing = opts.get("framing", "chunked")
+        extra = "Transfer-Encoding: chunked\r\n" if framing == "chunked" else (
+            "Content-Length: %d\r\n" % sum(map(len, records)) if framing == "length" else "")
+        self.send_head(conn, 200, ctype, extra)
+        merge, split = int(opts.get("merge", 1)), int(opts.get("split", 0))
+        wire_split = int(opts.get("wire_split", 0))
+        sent = 0
+        for i in range(0, len(records), merge):
+            if fail and sent >= fail_after:
+                return self.fail_stream(conn, fail)
+            if opts.get("hold") and i == merge:
+                if self.wait_peer(conn):
+                    return False
+            if delay and i:
+                time.sleep(delay)
+                if self.peer_gone(conn):
+                    with self.lock:
+                        self.peer_closed += 1
+                        self.lock.notify_all()
+                    return False
+            group = records[i:i + merge]
+            if opts.get("stamp"):
+                group = [r.replace(b'"t":0', b'"t":%r' % time.monotonic()) for r in group]
+            payload = b"".join(group)
+            if framing == "chunked":
+                pieces = [payload[j:j + split] for j in range(0, len(payload), split)] \
+                    if split else [payload]
+                wire = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces)
+            else:
+                wire = payload
+            if wire_split:
+                for j in range(0, len(wire), wire_split):
+                    conn.sendall(wire[j:j + wire_split])
+                    time.sleep(0.001)
+            else:
+                conn.sendall(wire)
+            sent += len(group)
+        if framing == "chunked":
+            conn.sendall(b"0\r\n\r\n")
+            return True
+        return framing == "length"
+
+    def fail_stream(self, conn, fail):
+        if fail == "reset":
+            self.reset(conn)
+        elif fail == "truncate":
+            conn.sendall(b"40\r\n{\"partial\":")
+        elif fail == "badchunk":
+            conn.sendall(b"zz\r\nnot a chunk\r\n")
+            self.wait_peer(conn, 5)
+        elif fail == "stall":
+            self.wait_peer(conn)
+        return False
+
+    def records(self, path, opts, n):
+        """The NDJSON lines or SSE events of a generation of n tokens."""
+        pad = "x" * int(opts.get("pad", 0))
+        stamp = ',"t":0' if opts.get("stamp") else ""
+        out = []
+        for i in range(n):
+            if path == "/v1/chat/completions":
+                out.append(b'data: {"id":"c1","object":"chat.completion.chunk","created":1,'
+                           b'"model":"fake","choices":[{"index":0,"delta":{"role":"assistant",'
+                           b'"content":"tok%d%s"},"finish_reason":null}]%s}\n\n'
+                           % (i, pad.encode(), stamp.encode()))
+            elif path == "/api/chat":
+                out.append(b'{"model":"fake","created_at":"2025-01-01T00:00:00Z","message":'
+                           b'{"role":"assistant","content":"tok%d%s"},"done":false%s}\n'
+                           % (i, pad.encode(), stamp.encode()))
+            elif path == "/raw":
+                out.append(b"raw text %d %s\n" % (i, pad.encode()))
+            else:
+                out.append(b'{"model":"fake","created_at":"2025-01-01T00:00:00Z",'
+                           b'"response":"tok%d%s","done":false%s}\n'
+                           % (i, pad.encode(), stamp.encode()))
+        if path == "/v1/chat/completions":
+            out.append(b'data: {"id":"c1","object":"chat.completion.chunk","created":1,'
+                       b'"model":"fake","choices":[{"index":0,"delta":{},'
+                       b'"finish_reason":"stop"}]}\n\n')
+            out.append(b"data: [DONE]\n\n")
+        elif path in ("/api/generate", "/api/chat"):
+            msg = b'"message":{"role":"assistant","content":""},' if path == "/api/chat" \
+                else b'"response":"",'
+            out.append(b'{"model":"fake","created_at":"2025-01-01T00:00:00Z",%s"done":true,'
+                       b'"done_reason":"stop","total_duration":5000000,"load_duration":1000,'
+                       b'"prompt_eval_count":4,"prompt_eval_duration":2000,"eval_count":%d,'
+                       b'"eval_duration":%d}\n' % (msg, n, n * 20000000))
+        return out
+
+
+# ======================================================================== clients and gateways
+
+class Response:
+    def __init__(self, status, reason, headers, body, chunks, complete):
+        self.status, self.reason, self.headers = status, reason, headers
+        self.body, self.chunks, self.complete = body, chunks, complete
+
+    def header(self, name):
+        return self.headers.get(name.lower())
+
+    def json(self):
+        return json.loads(self.body)
+
+
+class Conn:
+    """A raw HTTP/1.1 client connection that keeps chunk boundaries for assertions."""
+
+    def __init__(self, port, timeout=TIMEOUT):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.rfile = self.sock.makefile("rb")
+
+    def close(self):
+        self.rfile.close()
+        self.sock.close()
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def request(self, method, path, body=None, headers=(), read=True):
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode()
+        lines = ["%s %s HTTP/1.1" % (method, path), "Host: gateway.test"]
+        lines += ["%s: %s" % h for h in headers]
+        if body is not None:
+            lines.append("Content-Length: %d" % len(body))
+        self.send(("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b""))
+        return self.response(method) if read else None
+
+    def head(self):
+        """Read a response head; return (status, reason, headers) (100 Continue included)."""
+        line = self.rfile.readline()
+        if not line:
+            raise ConnectionError("connection closed before a response")
+        _, status, reason = line.decode("latin-1").rstrip("\r\n").split(" ", 2)
+        headers = {}
+        while True:
+            line = self.rfile.readline().decode("latin-1").rstrip("\r\n")
+            if not line:
+                break
+            name, value = line.split(":", 1)
+            headers[name.strip().lower()] = value.strip()
+        return int(status), reason, headers
+
+    def response(self, method="GET"):
+        status, reason, headers = self.head()
+        while status == 100:
+            status, reason, headers = self.head()
+        body, chunks, complete = b"", None, True
+        if method == "HEAD" or status in (204, 304):
+            pass
+        elif headers.get("transfer-encoding") == "chunked":
+            chunks, complete = self.read_chunks()
+            body = b"".join(chunks)
+        elif "content-length" in headers:
+            body = self.rfile.read(int(headers["content-length"]))
+            complete = len(body) == int(headers["content-length"])
+        else:
+            body = self.rfile.read()
+        return Response(status, reason, headers, body, chunks, complete)
+
+    def read_chunks(self):
+        chunks = []
+        try:
+            while True:
+                line = self.rfile.readline()
+                if not line.endswith(b"\r\n"):
+                    return chunks, False
+                size = int(line.split(b";")[0], 16)
+                if size == 0:
+                    assert self.rfile.readline() == b"\r\n", "no CRLF after the last chunk"
+                    return chunks, True
+                data = self.rfile.read(size + 2)
+                if len(data) < size + 2:
+                    return chunks, False
+                assert data.endswith(b"\r\n"), "chunk data not followed by CRLF"
+                chunks.append(data[:-2])
+        except (ConnectionError, socket.timeout):
+            return chunks, False
+
+    def read_chunk(self):
+        """Read exactly one chunk of a streamed body (None at the terminator)."""
+        size = int(self.rfile.readline().split(b";")[0], 16)
+        if size == 0:
+            self.rfile.readline()
+            return None
+        data = self.rfile.read(size + 2)
+        return data[:-2]
+
+    def closed_by_peer(self, timeout=TIMEOUT):
+        """True when the gateway hangs up (EOF or reset) within timeout."""
+        self.sock.settimeout(timeout)
+        try:
+            return self.rfile.read() is not None and self.sock.recv(1) == b""
+        except ConnectionError:
+            return True
+        except socket.timeout:
+            return False
+
+
+class GatewayProcess:
+    """qlite.py in a child process on a free port; its stderr is collected line by line."""
+
+    def __init__(self, upstream_port, *flags, env=None):
+        cmd = [sys.executable, QLITE, "--host", "127.0.0.1", "--port", "0",
+               "--upstream", "http://127.0.0.1:%d" % upstream_port] + list(flags)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, env=env)
+        self.lines = queue.Queue()
+        self.log = []
+        threading.Thread(target=self.pump, daemon=True).start()
+        first = self.lines.get(timeout=TIMEOUT)
+        match = re.search(r"listening on http://[^ ]+:(\d+)", first or "")
+        if not match:
+            self.stop()
+            raise AssertionError("gateway did not start: %r" % first)
+        self.port = int(match.group(1))
+        self.startup_line = first
+
+    def pump(self):
+        for line in self.proc.stderr:
+            self.log.append(line)
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def conn(self, timeout=TIMEOUT):
+        return Conn(self.port, timeout)
+
+    def get(self, path, **kw):
+        c = self.conn()
+        try:
+            return c.request("GET", path, **kw)
+        finally:
+            c.close()
+
+    def health(self):
+        return self.get("/qlite/health").json()
+
+    def wait_idle(self):
+        """Wait until no request is active (slots all freed)."""
+        return wait_for(lambda: self.health()["active"] == 0, message="active == 0")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(TIMEOUT)
+        self.proc.stderr.close()
+
+
+def ndjson_lines(chunks):
+    return [json.loads(c) for c in chunks]
+
+
+class GatewayCase(unittest.TestCase):
+    """A fake Ollama and one gateway per test class; flags can be set per class."""
+    flags = ()
+
+    @classmethod
+    def setUpClass(cls):
+        cls.fake = FakeOllama()
+        cls.gw = GatewayProcess(cls.fake.port, *cls.flags)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.gw.stop()
+        cls.fake.stop()
+
+    def setUp(self):
+        self.fake.release.clear()
+        self.conns = []
+
+    def tearDown(self):
+        self.fake.release.set()
+        for c in self.conns:
+            c.close()
+        self.gw.wait_idle()
+
+    def conn(self, timeout=TIMEOUT):
+        c = self.gw.conn(timeout)
+        self.conns.append(c)
+        return c
+
+
+# ======================================================================== streaming and framing
+
+class StreamingTest(GatewayCase):
+
+    def stream(self, path, opts, method="POST"):
+        return self.conn().request(method, path, opts)
+
+    def test_ndjson_one_line_per_chunk_whatever_upstream_chunking(self):
+        for shape in ({}, {"merge": 5}, {"split": 7}, {"merge": 3, "split": 50},
+                      {"merge": 4, "wire_split": 13}):
+            with self.subTest(**shape):
+                r = self.stream("/api/generate", dict(n=12, **shape))
+                self.assertEqual(r.status, 200)
+                self.assertEqual(r.header("content-type"), "application/x-ndjson")
+                self.assertEqual(r.header("transfer-encoding"), "chunked")
+                self.assertEqual(r.header("x-accel-buffering"), "no")
+                self.assertTrue(r.complete)
+                self.assertEqual(len(r.chunks), 13)
+                for i, chunk in enumerate(r.chunks):
+                    self.assertEqual(chunk.count(b"\n"), 1)
+                    self.assertTrue(chunk.endswith(b"\n"))
+                    if i < 12:
+                        self.assertEqual(json.loads(chunk)["response"], "tok%d" % i)
+                self.assertTrue(json.loads(r.chunks[-1])["done"])
+
+    def test_each_line_leaves_the_moment_its_newline_arrives(self):
+        c = self.conn()
+        c.request("POST", "/api/chat", {"n": 3, "hold": True}, read=False)
+        status, _, headers = c.head()
+        self.assertEqual(status, 200)
+        first = c.read_chunk()  # the upstream now holds the rest until released
+        self.assertEqual(json.loads(first)["message"]["content"], "tok0")
+        self.fake.release.set()
+        rest, complete = c.read_chunks()
+        self.assertTrue(complete)
+        self.assertEqual(len(rest), 3)
+
+    def test_sse_one_event_per_chunk(self):
+        for shape in ({}, {"merge": 3}, {"split": 9}, {"merge": 2, "wire_split": 11}):
+            with self.subTest(**shape):
+                r = self.stream("/v1/chat/completions", dict(n=5, stream=True, **shape))
+                self.assertEqual(r.header("content-type"), "text/event-stream")
+                self.assertEqual(r.header("x-accel-buffering"), "no")
+                self.assertEqual(len(r.chunks), 7)
+                for chunk in r.chunks:
+                    self.assertTrue(chunk.startswith(b"data: ") and chunk.endswith(b"\n\n"))
+                    self.assertEqual(chunk.count(b"\n\n"), 1)
+                self.assertEqual(r.chunks[-1], b"data: [DONE]\n\n")
+
+    def test_long_line_is_forwarded_in_pieces(self):
+        r = self.stream("/api/generate", {"n": 2, "pad": 3 * 1024 * 1024, "split": 65536})
+        self.assertTrue(r.complete)
+        lines = r.body.split(b"\n")[:-1]
+        self.assertEqual(len(lines), 3)
+        self.assertEqual(json.loads(lines[1])["response"], "tok1" + "x" * 3 * 1024 * 1024)
+        self.assertGreater(len(r.chunks), 3)  # the long lines came in several pieces
+        self.assertTrue(all(len(c) <= qlite.MAX_LINE + qlite.READ_SIZE + 65536 for c in r.chunks))
+        self.assertTrue(all(c for c in r.chunks))
+
+    def test_content_length_passes_through(self):
+        r = self.conn().request("GET", "/api/version")
+        self.assertEqual((r.status, r.body), (200, b'{"version": "0.12.6"}'))
+        self.assertEqual(r.header("content-length"), str(len(r.body)))
+        self.assertIsNone(r.header("transfer-encoding"))
+        self.assertIsNone(r.header("x-accel-buffering"))
+        r = self.stream("/api/generate", {"n": 2, "stream": False})
+        self.assertEqual(r.header("content-type"), "application/json; charset=utf-8")
+        self.assertTrue(r.json()["done"])
+        r = self.stream("/api/generate", {"n": 4, "framing": "length"})
+        self.assertEqual(r.header("content-length"), str(len(r.body)))
+        self.assertEqual(len(r.body.split(b"\n")), 6)
+
+    def test_other_bodies_stream_rechunked_and_close_delimited_bodies_are_read(self):
+        r = self.stream("/raw", {"n": 5, "merge": 2})
+        self.assertEqual(r.header("content-type"), "text/plain")
+        self.assertEqual(r.body, b"".join(b"raw text %d \n" % i for i in range(5)))
+        self.assertTrue(r.complete)
+        r = self.stream("/api/generate", {"n": 4, "framing": "close"})
+        self.assertEqual(len(r.chunks), 5)  # re-framed one line per chunk, then terminated
+        self.assertTrue(r.complete)
+
+    def test_big_non_streamed_body_uses_upstream_chunks(self):
+        r = self.stream("/api/generate", {"n": 200, "stream": False, "pad": 3000})
+        self.assertEqual(r.status, 200)
+        self.assertTrue(r.json()["done"])
+
+
+# ======================================================================== HTTP/1.1 client side
+
+class ClientProtocolTest(GatewayCase):
+
+    def test_keep_alive_and_pipelining_answer_in_order(self):
+        c = self.conn()
+        one = b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n"
+        gen = json.dumps({"n": 2}).encode()
+        two = b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
+            len(gen), gen)
+        three = b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n"
+        c.send(one + two + three)
+        self.assertEqual(c.response().json(), {"version": "0.12.6"})
+        r = c.response()
+        self.assertEqual(len(r.chunks), 3)
+        self.assertEqual(c.response().json()["models"][0]["name"], "fake:latest")
+        self.assertEqual(c.request("GET", "/api/version").status, 200)  # still open
+
+    def test_connection_close_is_honoured(self):
+        c = self.conn()
+        r = c.request("GET", "/api/version", headers=[("Connection", "close")])
+        self.assertEqual(r.header("connection"), "close")
+        self.assertTrue(c.closed_by_peer())
+
+    def test_http10_client_gets_close_delimited_body(self):
+        c = self.conn()
+        body = json.dumps({"n": 3}).encode()
+        c.send(b"POST /api/generate HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        r = c.response()
+        self.assertIsNone(r.header("transfer-encoding"))
+        self.assertEqual(r.header("connection"), "close")
+        self.assertEqual(len(r.body.split(b"\n")), 5)
+        self.assertTrue(json.loads(r.body.split(b"\n")[3])["done"])
+        c2 = self.conn()
+        c2.send(b"GET /api/version HTTP/1.0\r\n\r\n")
+        r = c2.response()
+        self.assertEqual(r.header("content-length"), str(len(r.body)))
+
+    def test_head_gets_headers_only(self):
+        c = self.conn()
+        r = c.request("HEAD", "/")
+        self.assertEqual((r.status, r.header("content-length")), (200, "17"))
+        self.assertEqual(c.request("GET", "/").body, b"Ollama is running")  # nothing left over
+
+    def test_expect_100_continue(self):
+        c = self.conn()
+        body = json.dumps({"n": 1}).encode()
+        c.send(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+               b"Content-Length: %d\r\n\r\n" % len(body))
+        self.assertEqual(c.rfile.readline(), b"HTTP/1.1 100 Continue\r\n")
+        self.assertEqual(c.rfile.readline(), b"\r\n")
+        c.send(body)
+        r = c.response()
+        self.assertEqual((r.status, len(r.chunks)), (200, 2))
+        self.assertNotIn("expect", self.fake.requests[-1]["hmap"])
+
+    def test_chunked_request_body_is_forwarded_with_a_length(self):
+        c = self.conn()
+        c.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-Trailer: 1\r\n\r\n")
+        seen = c.response().json()
+        self.assertEqual(seen["body"], "hello, world")
+        names = {k.lower(): v for k, v in seen["headers"]}
+        self.assertEqual(names["content-length"], "12")
+        self.assertNotIn("transfer-encoding", names)
+
+    def test_delete_with_json_body(self):
+        r = self.conn().request("DELETE", "/echo", {"model": "fake"})
+        self.assertEqual(r.json()["method"], "DELETE")
+        self.assertEqual(json.loads(r.json()["body"]), {"model": "fake"})
+
+    def test_headers_forwarded_end_to_end_only_and_host_rewritten(self):
+        c = self.conn()
+        r = c.request("POST", "/echo?x=1&y=%20", b"{}", headers=[
+            ("Connection", "keep-alive, X-Hop"), ("X-Hop", "1"), ("Keep-Alive", "timeout=5"),
+            ("TE", "trailers"), ("Upgrade", "h2c"), ("Proxy-Authorization", "x"),
+            ("X-Custom", "kept"), ("User-Agent", "ollama-python/0.6")])
+        seen = r.json()
+        self.assertEqual(seen["target"], "/echo?x=1&y=%20")
+        names = {k.lower(): v for k, v in seen["headers"]}
+        self.assertEqual(names["host"], "127.0.0.1:%d" % self.fake.port)
+        self.assertEqual(names["x-custom"], "kept")
+        self.assertEqual(names["user-agent"], "ollama-python/0.6")
+        for hop in ("connection", "x-hop", "keep-alive", "te", "upgrade", "proxy-authorization"):
+            self.assertNotIn(hop, names)
+
+    def test_upstream_errors_pass_through_unchanged(self):
+        for status in (400, 404, 500, 503):
+            r = self.conn().request("POST", "/api/chat", {"status": status, "error": "e%d" % status})
+            self.assertEqual((r.status, r.json()), (status, {"error": "e%d" % status}))
+        r = self.conn().request("GET", "/nope")
+        self.assertEqual((r.status, r.body), (404, b"404 page not found"))
+
+    def test_bad_requests_get_400_and_are_not_forwarded(self):
+        before = len(self.fake.requests)
+        for raw in (b"GARBAGE\r\n\r\n", b"GET /x HTTP/1.1\r\nBad Header\r\n\r\n",
+                    b"GET /x HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n"):
+            c = self.conn()
+            c.send(raw)
+            r = c.response()
+            self.assertEqual(r.status, 400)
+            self.assertIn("error", r.json())
+            self.assertTrue(c.closed_by_peer())
+        self.assertEqual(len(self.fake.requests), before)
+
+    def test_huge_head_gets_431(self):
+        c = self.conn()
+        c.send(b"GET / HTTP/1.1\r\n" + b"X-Big: " + b"a" * 70000 + b"\r\n\r\n")
+        self.assertEqual(c.response().status, 431)
+
+    def test_access_log_line(self):
+        self.conn().request("GET", "/api/version?log=1")
+        line = wait_for(lambda: [x for x in self.gw.log if "/api/version?log=1" in x])[0]
+        self.assertRegex(line, r'^127\.0\.0\.1:\d+ "GET /api/version\?log=1" 200 \d+B '
+                               r'ttfb=\d+\.\d+s \d+\.\d+s$')
