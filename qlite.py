@@ -243,9 +243,18 @@ class ChunkedReader:
         self.rest = b""
 
     def feed(self, data):
+        out = []
+        try:
+            self.decode(data, out)
+        except ProtocolError as e:
+            e.decoded = b"".join(out)  # what came before the bad framing still goes out
+            raise
+        return b"".join(out)
+
+    def decode(self, data, out):
         if self.pending:
             data, self.pending = self.pending + data, b""
-        out, pos, end = [], 0, len(data)
+        pos, end = 0, len(data)
         while pos < end and not self.done:
             if self.left:
                 piece = data[pos:pos + self.left]
@@ -275,7 +284,6 @@ class ChunkedReader:
                 self.size += self.left
                 if self.limit is not None and self.size > self.limit:
                     raise ProtocolError(413, "request body larger than %d bytes" % self.limit)
-        return b"".join(out)
 
 
 class PlainFramer:
@@ -720,6 +728,8 @@ class Upstream:
             elif mask & selectors.EVENT_READ:
                 self.receive()
         except ProtocolError as e:
+            if getattr(e, "decoded", b"") and not self.closed:
+                self.client.write(self.framer.frame(e.decoded))
             self.fail(e.status, str(e))
         except OSError as e:
             self.fail(502, "upstream connection failed: %s" % (e.strerror or e))

@@ -53,6 +53,7 @@ class FakeOllama:
         self.port = self.listener.getsockname()[1]
         self.requests = []              # every request received: dicts
         self.peer_closed = 0            # streams whose client hung up while we were working
+        self.sent_bytes = 0             # stream bytes written, to see backpressure take hold
         self.connections = 0
         self.release = threading.Event()  # lets held streams finish
         self.lock = threading.Condition()
@@ -175,7 +176,7 @@ class FakeOllama:
         if path == "/api/version":
             return self.send_json(conn, 200, {"version": "0.12.6"})
         if path == "/api/tags":
-            return self.send_json(conn, 200, {"models": [{"name": "fake:latest"}]})
+            return self.send_json(conn, 200, {"models": [{"name": "fake:latest", "model": "fake:latest"}]})
         if path == "/echo":  # what reached the upstream, for header and body assertions
             return self.send_json(conn, 200, {"method": method, "target": req["target"],
                                               "headers": req["headers"],
@@ -188,7 +189,9 @@ class FakeOllama:
                 opts = json.loads(req["body"] or b"{}")
             except ValueError:
                 return self.send_json(conn, 400, {"error": "invalid JSON"})
-            return self.generate(conn, path, opts if isinstance(opts, dict) else {})
+            opts = opts if isinstance(opts, dict) else {}
+            opts.update(opts.get("options") or {})  # the ollama client's `options=` works too
+            return self.generate(conn, path, opts)
         self.send_head(conn, 404, "text/plain", "Content-Length: 18\r\n")
         conn.sendall(b"404 page not found")
         return True
@@ -251,6 +254,7 @@ class FakeOllama:
                 wire = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces)
             else:
                 wire = payload
+            self.sent_bytes += len(wire)
             if wire_split:
                 for j in range(0, len(wire), wire_split):
                     conn.sendall(wire[j:j + wire_split])
@@ -705,3 +709,442 @@ class ClientProtocolTest(GatewayCase):
         line = wait_for(lambda: [x for x in self.gw.log if "/api/version?log=1" in x])[0]
         self.assertRegex(line, r'^127\.0\.0\.1:\d+ "GET /api/version\?log=1" 200 \d+B '
                                r'ttfb=\d+\.\d+s \d+\.\d+s$')
+
+
+# ======================================================================== the cap and its slots
+
+class CapTest(GatewayCase):
+    flags = ("--upstream-timeout", "1", "--client-timeout", "2")
+
+    def hold(self, n, path="/api/generate"):
+        """Open n streams that the fake holds after their first line."""
+        held = []
+        for _ in range(n):
+            c = self.conn()
+            c.request("POST", path, {"n": 3, "hold": True}, read=False)
+            self.assertEqual(c.head()[0], 200)
+            c.read_chunk()
+            held.append(c)
+        return held
+
+    def test_eleventh_request_gets_503_and_is_not_forwarded(self):
+        held = self.hold(10)
+        self.assertEqual(self.gw.health()["active"], 10)  # health answers while all are busy
+        before = self.fake.count("/api/generate")
+        r = self.conn().request("POST", "/api/generate", {"n": 1})
+        self.assertEqual((r.status, r.header("retry-after")), (503, "1"))
+        self.assertEqual(r.header("content-type"), "application/json")
+        self.assertIn("busy", r.json()["error"])
+        r = self.conn().request("POST", "/v1/chat/completions", {"n": 1})
+        self.assertEqual(r.status, 503)
+        self.assertEqual(r.json()["error"]["type"], "api_error")
+        self.assertIn("message", r.json()["error"])
+        self.assertEqual(self.fake.count("/api/generate"), before)
+        self.fake.release.set()
+        for c in held:
+            rest, complete = c.read_chunks()
+            self.assertTrue(complete)
+        self.gw.wait_idle()
+        self.assertEqual(self.conn().request("POST", "/api/generate", {"n": 1}).status, 200)
+
+    def test_every_ending_frees_its_slot_exactly_once(self):
+        endings = []
+        for i in range(3):
+            c = self.conn()  # client leaves mid-stream
+            c.request("POST", "/api/generate", {"n": 3, "hold": True}, read=False)
+            c.head()
+            endings.append(("leave", c))
+            c = self.conn()  # client leaves before the head
+            c.request("POST", "/api/generate", {"fail": "silent"}, read=False)
+            endings.append(("leave", c))
+            for fail in ("reset", "truncate", "badchunk", "reset_now", "close_now"):
+                c = self.conn()
+                c.request("POST", "/api/generate", {"n": 3, "fail": fail}, read=False)
+                endings.append(("read", c))
+            c = self.conn()  # the upstream times out (1 s)
+            c.request("POST", "/api/generate", {"n": 3, "fail": "stall"}, read=False)
+            endings.append(("read", c))
+            c = self.conn()  # a normal one
+            c.request("POST", "/api/generate", {"n": 2}, read=False)
+            endings.append(("read", c))
+        wait_for(lambda: self.fake.count("/api/generate") >= 27, message="all forwarded")
+        for kind, c in endings:
+            if kind == "leave":
+                c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                c.close()
+            else:
+                c.response("POST")
+        self.gw.wait_idle()
+        held = self.hold(10)
+        r = self.conn().request("POST", "/api/generate", {"n": 1})
+        self.assertEqual(r.status, 503)
+        self.fake.release.set()
+        for c in held:
+            self.assertTrue(c.read_chunks()[1])
+
+
+class CancellationTest(GatewayCase):
+
+    def test_client_leaving_mid_stream_closes_upstream_at_once(self):
+        before = self.fake.peer_closed
+        c = self.conn()
+        c.request("POST", "/api/generate", {"n": 3, "hold": True}, read=False)
+        c.head()
+        c.read_chunk()
+        c.close()
+        wait_for(lambda: self.fake.peer_closed > before, 1.0, "upstream closed within 1 s")
+        self.gw.wait_idle()
+
+    def test_client_reset_before_head_closes_upstream_at_once(self):
+        before = self.fake.peer_closed
+        c = self.conn()
+        c.request("POST", "/api/generate", {"fail": "silent"}, read=False)
+        wait_for(lambda: self.gw.health()["active"] == 1)
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()
+        wait_for(lambda: self.fake.peer_closed > before, 1.0, "upstream closed within 1 s")
+        self.gw.wait_idle()
+
+    def test_client_leaving_a_delayed_stream_stops_generation(self):
+        before = self.fake.peer_closed
+        c = self.conn()
+        c.request("POST", "/api/generate", {"n": 1000, "delay": 0.01}, read=False)
+        c.head()
+        c.read_chunk()
+        c.close()
+        wait_for(lambda: self.fake.peer_closed > before, 2.0, "generation stopped")
+
+
+class BackpressureTest(GatewayCase):
+
+    def rss_kib(self):
+        with open("/proc/%d/status" % self.gw.proc.pid) as f:
+            return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+
+    def test_slow_reader_bounds_memory_and_gets_every_byte_in_order(self):
+        n = 40000  # about 40 MB of NDJSON
+        c = self.conn(timeout=60)
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        c.request("POST", "/api/generate", {"n": n, "pad": 1000, "merge": 16}, read=False)
+        base = self.rss_kib()
+        last = [-1]
+
+        def upstream_blocked():  # no progress in 0.2 s: backpressure reached the upstream
+            seen, last[0] = last[0], self.fake.sent_bytes
+            return seen == last[0] and not time.sleep(0.2)
+        wait_for(upstream_blocked, message="upstream blocked by backpressure")
+        self.assertLess(self.fake.sent_bytes, 20 * 1024 * 1024)
+        others = self.conn().request("POST", "/api/generate", {"n": 5})  # others still served
+        self.assertEqual(len(others.chunks), 6)
+        grown = self.rss_kib() - base
+        self.assertLess(grown, 8 * 1024, "gateway grew %d KiB while the client stalled" % grown)
+        r = c.response("POST")
+        self.assertTrue(r.complete)
+        self.assertEqual(len(r.chunks), n + 1)
+        for i in (0, 1, n // 2, n - 1):
+            self.assertEqual(json.loads(r.chunks[i])["response"], "tok%d%s" % (i, "x" * 1000))
+        self.assertLess(self.rss_kib() - base, 16 * 1024)
+
+
+# ======================================================================== upstream failures
+
+class UpstreamFailureTest(GatewayCase):
+    flags = ("--upstream-timeout", "0.6")
+
+    def post(self, path, opts):
+        return self.conn().request("POST", path, opts)
+
+    def test_ndjson_failure_after_head_ends_with_error_line(self):
+        for fail in ("reset", "truncate", "badchunk", "stall"):
+            with self.subTest(fail=fail):
+                r = self.post("/api/generate", {"n": 5, "fail": fail, "fail_after": 2})
+                self.assertEqual(r.status, 200)
+                self.assertTrue(r.complete, "the stream must end with a terminating chunk")
+                self.assertEqual(len(r.chunks), 3)
+                self.assertEqual(json.loads(r.chunks[0])["response"], "tok0")
+                last = json.loads(r.chunks[-1])
+                self.assertEqual(list(last), ["error"])
+                self.assertTrue(r.chunks[-1].endswith(b"\n"))
+
+    def test_sse_failure_ends_with_error_event(self):
+        r = self.post("/v1/chat/completions", {"n": 5, "fail": "reset", "fail_after": 2})
+        self.assertTrue(r.complete)
+        self.assertEqual(len(r.chunks), 3)
+        self.assertTrue(r.chunks[-1].startswith(b"data: ") and r.chunks[-1].endswith(b"\n\n"))
+        self.assertIn("message", json.loads(r.chunks[-1][6:])["error"])
+
+    def test_other_body_failure_is_cut_without_terminator(self):
+        r = self.post("/raw", {"n": 5, "fail": "reset", "fail_after": 2})
+        self.assertFalse(r.complete)
+        self.assertEqual(r.body, b"raw text 0 \nraw text 1 \n")
+        r = self.post("/api/generate", {"n": 5, "fail": "reset", "framing": "length"})
+        self.assertFalse(r.complete)
+
+    def test_no_head_in_time_gives_504(self):
+        start = time.monotonic()
+        r = self.post("/api/generate", {"fail": "silent"})
+        self.assertEqual(r.status, 504)
+        self.assertIn("error", r.json())
+        self.assertLess(time.monotonic() - start, 3)
+
+    def test_reset_or_close_before_head_gives_502(self):
+        for fail in ("reset_now", "close_now"):
+            r = self.post("/api/generate", {"fail": fail})
+            self.assertEqual(r.status, 502)
+            self.assertIn("error", r.json())
+        r = self.post("/v1/chat/completions", {"fail": "reset_now"})
+        self.assertEqual(r.json()["error"]["type"], "api_error")
+
+    def test_silent_upstream_does_not_slow_anyone_else(self):
+        stalled = self.conn()
+        stalled.request("POST", "/api/generate", {"fail": "silent"}, read=False)
+        start = time.monotonic()
+        for _ in range(20):
+            self.assertEqual(self.conn().request("GET", "/api/version").status, 200)
+        self.assertLess(time.monotonic() - start, 0.5)
+
+
+class RefusedUpstreamTest(unittest.TestCase):
+
+    def test_connection_refused_gives_502_within_a_second(self):
+        probe = socket.create_server(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()  # nothing listens there now
+        gw = GatewayProcess(port)
+        try:
+            start = time.monotonic()
+            c = gw.conn()
+            r = c.request("POST", "/api/chat", {"n": 1})
+            c.close()
+            self.assertEqual(r.status, 502)
+            self.assertIn("upstream", r.json()["error"])
+            self.assertLess(time.monotonic() - start, 1.0)
+            self.assertEqual(gw.health()["active"], 0)
+        finally:
+            gw.stop()
+
+
+# ======================================================================== client timeouts
+
+class ClientTimeoutTest(GatewayCase):
+    flags = ("--client-timeout", "0.5")
+
+    def test_slow_request_gets_408_and_idle_connection_is_closed(self):
+        c = self.conn()
+        c.send(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{")
+        start = time.monotonic()
+        r = c.response()
+        self.assertEqual(r.status, 408)
+        self.assertLess(time.monotonic() - start, 2)
+        self.assertTrue(c.closed_by_peer())
+        idle = self.conn()
+        self.assertEqual(idle.request("GET", "/api/version").status, 200)
+        self.assertTrue(idle.closed_by_peer(3))  # closed silently, no 408 on an idle connection
+
+    def test_client_that_stops_reading_is_cut_and_frees_its_slot(self):
+        c = self.conn()
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        c.request("POST", "/api/generate", {"n": 100000, "pad": 200, "merge": 50}, read=False)
+        wait_for(lambda: self.gw.health()["active"] == 1)
+        wait_for(lambda: self.gw.health()["active"] == 0, message="stalled reader cut")
+
+
+# ======================================================================== command line and signals
+
+def run_qlite(*args, env=None):
+    return subprocess.run([sys.executable, QLITE] + list(args), capture_output=True, text=True,
+                          timeout=TIMEOUT, env=env)
+
+
+class CommandLineTest(unittest.TestCase):
+
+    def test_upstream_is_read_the_way_ollama_reads_ollama_host(self):
+        parse = qlite.parse_upstream
+        self.assertEqual(parse("example"), ("example", 11434))
+        self.assertEqual(parse("example:1234"), ("example", 1234))
+        self.assertEqual(parse("http://10.0.0.5:80"), ("10.0.0.5", 80))
+        self.assertEqual(parse("http://[::1]:9/"), ("::1", 9))
+        for bad in ("https://example", "http://example/path", "http://:80", "example:port"):
+            self.assertRaises(ValueError, parse, bad)
+
+    def test_mistakes_are_one_clear_line_and_nonzero_exit(self):
+        for args, needle in ((["--max-active", "0"], "--max-active"),
+                             (["--port", "70000"], "--port"),
+                             (["--client-timeout", "soon"], "--client-timeout"),
+                             (["--upstream", "https://example:1"], "http://host[:port]")):
+            with self.subTest(args=args):
+                p = run_qlite(*args)
+                self.assertEqual(p.returncode, 2)
+                self.assertIn(needle, p.stderr.strip().splitlines()[-1])
+                self.assertNotIn("Traceback", p.stderr)
+
+    def test_port_in_use_names_the_address(self):
+        taken = socket.create_server(("127.0.0.1", 0))
+        try:
+            port = taken.getsockname()[1]
+            p = run_qlite("--host", "127.0.0.1", "--port", str(port), "--upstream", "127.0.0.1:9")
+            self.assertEqual(p.returncode, 1)
+            self.assertEqual(len(p.stderr.strip().splitlines()), 1)
+            self.assertIn("127.0.0.1:%d" % port, p.stderr)
+            self.assertNotIn("Traceback", p.stderr)
+        finally:
+            taken.close()
+
+    def test_ollama_host_from_environment_startup_line_and_quiet(self):
+        fake = FakeOllama()
+        env = dict(os.environ, OLLAMA_HOST="127.0.0.1:%d" % fake.port)
+        gw = GatewayProcess(fake.port, "--quiet", "--max-active", "3", env=env)
+        try:
+            self.assertIn("upstream http://127.0.0.1:%d" % fake.port, gw.startup_line)
+            self.assertIn("max 3 active", gw.startup_line)
+            self.assertEqual(gw.get("/api/version").status, 200)
+            self.assertEqual(gw.health()["max_active"], 3)
+            self.assertEqual(gw.log, [gw.startup_line])  # --quiet: no access log
+        finally:
+            gw.stop()
+            fake.stop()
+        gw = GatewayProcess(1, env=env)  # no --upstream flag at all: $OLLAMA_HOST decides
+        try:
+            self.assertIn("upstream http://127.0.0.1:1", gw.startup_line)
+        finally:
+            gw.stop()
+
+
+class SignalTest(unittest.TestCase):
+
+    def setUp(self):
+        self.fake = FakeOllama()
+        self.gw = GatewayProcess(self.fake.port)
+
+    def tearDown(self):
+        self.gw.stop()
+        self.fake.stop()
+
+    def refused(self):
+        try:
+            socket.create_connection(("127.0.0.1", self.gw.port), timeout=1).close()
+        except ConnectionRefusedError:
+            return True
+        except ConnectionResetError:  # queued as the listener closed: look again
+            return False
+
+    def held_stream(self):
+        c = self.gw.conn()
+        c.request("POST", "/api/generate", {"n": 3, "hold": True}, read=False)
+        self.assertEqual(c.head()[0], 200)
+        c.read_chunk()
+        return c
+
+    def test_sigterm_stops_listening_and_lets_requests_finish(self):
+        c = self.held_stream()
+        idle = self.gw.conn()
+        self.assertEqual(idle.request("GET", "/api/version").status, 200)
+        self.gw.proc.send_signal(signal.SIGTERM)
+        wait_for(self.refused, 2, "listener closed")
+        self.assertTrue(idle.closed_by_peer(2))  # idle keep-alive connections are closed
+        self.assertIsNone(self.gw.proc.poll())
+        self.fake.release.set()
+        rest, complete = c.read_chunks()
+        self.assertTrue(complete)
+        self.assertEqual(len(rest), 3)
+        self.assertEqual(self.gw.proc.wait(TIMEOUT), 0)
+        c.close()
+        idle.close()
+
+    def test_second_signal_exits_now(self):
+        c = self.held_stream()
+        self.gw.proc.send_signal(signal.SIGINT)
+        wait_for(lambda: self.refused(), 2, "first signal taken")
+        self.gw.proc.send_signal(signal.SIGINT)
+        self.assertNotEqual(self.gw.proc.wait(TIMEOUT), 0)
+        c.close()
+
+
+# ======================================================================== official clients
+
+def installed(name):
+    try:
+        __import__(name)
+        return True
+    except ImportError:
+        return False
+
+
+class OfficialClientTest(GatewayCase):
+    """The clients people really use, when installed (pip install ollama openai); curl too."""
+
+    @unittest.skipUnless(installed("ollama"), "the ollama package is not installed")
+    def test_ollama_client_streams_and_raises_on_errors(self):
+        import ollama
+        client = ollama.Client(host="http://127.0.0.1:%d" % self.gw.port)
+        self.addCleanup(client._client.close)
+        parts = list(client.generate(model="fake", prompt="hi", stream=True, options={"n": 3}))
+        self.assertEqual([p["response"] for p in parts][:3], ["tok0", "tok1", "tok2"])
+        self.assertTrue(parts[-1]["done"])
+        self.assertEqual(client.chat(model="fake", messages=[])["message"]["role"], "assistant")
+        with self.assertRaises(ollama.ResponseError) as caught:
+            list(client.chat(model="fake", messages=[], stream=True, options={"fail": "reset_now"}))
+        self.assertEqual(caught.exception.status_code, 502)  # reset before the head
+        self.assertEqual(client.list()["models"][0]["model"], "fake:latest")
+
+    @unittest.skipUnless(installed("ollama"), "the ollama package is not installed")
+    def test_ollama_client_raises_instead_of_returning_a_short_answer(self):
+        import ollama
+        client = ollama.Client(host="http://127.0.0.1:%d" % self.gw.port)
+        self.addCleanup(client._client.close)
+        got = []
+        with self.assertRaises(ollama.ResponseError) as caught:
+            for part in client.generate(model="fake", prompt="hi", stream=True,
+                                        options={"n": 5, "fail": "reset", "fail_after": 2}):
+                got.append(part["response"])
+        self.assertEqual(got, ["tok0", "tok1"])
+        self.assertIn("upstream", str(caught.exception))
+
+    @unittest.skipUnless(installed("openai"), "the openai package is not installed")
+    def test_openai_client_streams_and_sees_503(self):
+        import openai
+        client = openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % self.gw.port, api_key="x",
+                               max_retries=0)
+        chunks = list(client.chat.completions.create(model="fake", messages=[], stream=True,
+                                                     extra_body={"n": 4, "split": 5}))
+        self.assertEqual([c.choices[0].delta.content for c in chunks][:4],
+                         ["tok0", "tok1", "tok2", "tok3"])
+        with self.assertRaises(openai.APIError):
+            list(client.chat.completions.create(model="fake", messages=[], stream=True,
+                                                extra_body={"n": 4, "fail": "reset"}))
+        with self.assertRaises(openai.InternalServerError) as caught:
+            client.chat.completions.create(model="fake", messages=[],
+                                           extra_body={"status": 503})
+        self.assertEqual(caught.exception.status_code, 503)
+
+    @unittest.skipUnless(installed("openai"), "the openai package is not installed")
+    def test_openai_client_retries_a_busy_gateway_by_itself(self):
+        import openai
+        held = []
+        for _ in range(10):
+            c = self.conn()
+            c.request("POST", "/api/generate", {"n": 3, "hold": True}, read=False)
+            c.head()
+            held.append(c)
+        client = openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % self.gw.port, api_key="x",
+                               max_retries=2)
+        def release_after_503():  # free the slots once the gateway has turned the client away
+            wait_for(lambda: any(" 503 " in line for line in self.gw.log))
+            self.fake.release.set()
+        threading.Thread(target=release_after_503, daemon=True).start()
+        reply = client.chat.completions.create(model="fake", messages=[],
+                                               extra_body={"stream": False})
+        self.assertEqual(reply.choices[0].message.content, "tok0")
+
+    @unittest.skipUnless(subprocess.run(["which", "curl"], capture_output=True).returncode == 0,
+                         "curl is not installed")
+    def test_curl_streams_and_does_not_wait_for_100_continue(self):
+        body = json.dumps({"n": 3, "pad": 2000})  # over 1 KiB: curl sends Expect: 100-continue
+        start = time.monotonic()
+        p = subprocess.run(["curl", "-sS", "--no-buffer", "-d", body,
+                            "http://127.0.0.1:%d/api/generate" % self.gw.port],
+                           capture_output=True, timeout=TIMEOUT)
+        self.assertLess(time.monotonic() - start, 0.9)
+        lines = p.stdout.decode().splitlines()
+        self.assertEqual(len(lines), 4)
+        self.assertTrue(json.loads(lines[-1])["done"])
