@@ -594,7 +594,7 @@ class Upstream:
         except (BlockingIOError, InterruptedError):
             return
         if not data:
-            if self.reader.left is None:
+            if self.reader and self.reader.left is None:  # the body ends with the connection
                 return self.finish()
             raise ProtocolError(502, "upstream closed the connection early")
         self.deadline = time.monotonic() + self.gw.args.upstream_timeout
