@@ -1148,3 +1148,430 @@ class OfficialClientTest(GatewayCase):
         lines = p.stdout.decode().splitlines()
         self.assertEqual(len(lines), 4)
         self.assertTrue(json.loads(lines[-1])["done"])
+
+
+# ======================================================================== exposure: key and admin lock
+
+KEY = "s3cret-key"
+
+
+def raw_exchange(port, data, timeout=TIMEOUT):
+    """Send raw bytes, half-close, and return everything the gateway sends until it closes."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        sock.close()
+
+
+class ApiKeyTest(GatewayCase):
+    flags = ("--api-key", KEY)
+
+    def test_missing_or_wrong_key_gets_401_and_nothing_is_forwarded(self):
+        before = len(self.fake.requests)
+        for headers in ([], [("Authorization", "Bearer wrong")], [("Authorization", KEY)],
+                        [("Authorization", "Basic " + KEY)]):
+            r = self.conn().request("POST", "/api/generate", {"n": 1}, headers=headers)
+            self.assertEqual((r.status, r.header("www-authenticate")), (401, "Bearer"))
+            self.assertIn("API key", r.json()["error"])
+        r = self.conn().request("GET", "/v1/models")
+        self.assertEqual(r.json()["error"]["type"], "authentication_error")
+        self.assertEqual(self.conn().request("GET", "/qlite/metrics").status, 401)
+        self.assertEqual(len(self.fake.requests), before)
+
+    def test_right_key_passes_and_is_never_sent_upstream(self):
+        r = self.conn().request("POST", "/echo", b"{}", headers=[("Authorization", "Bearer " + KEY)])
+        self.assertEqual(r.status, 200)
+        self.assertNotIn("authorization", {k.lower() for k, v in r.json()["headers"]})
+        self.assertEqual(self.conn().request("GET", "/qlite/metrics", headers=[
+            ("Authorization", "Bearer " + KEY)]).status, 200)
+
+    def test_health_and_cors_preflight_need_no_key(self):
+        self.assertEqual(self.conn().request("GET", "/qlite/health").status, 200)
+        before = self.fake.count("/api/chat")
+        r = self.conn().request("OPTIONS", "/api/chat", headers=[
+            ("Origin", "http://app.example"), ("Access-Control-Request-Method", "POST")])
+        self.assertNotEqual(r.status, 401)  # Ollama (here the fake) decides what browsers may do
+        self.assertEqual(self.fake.count("/api/chat"), before + 1)
+        self.assertEqual(self.conn().request("OPTIONS", "/api/chat").status, 401)
+
+    @unittest.skipUnless(installed("ollama"), "the ollama package is not installed")
+    def test_ollama_client_with_key(self):
+        import ollama
+        url = "http://127.0.0.1:%d" % self.gw.port
+        client = ollama.Client(host=url, headers={"Authorization": "Bearer " + KEY})
+        self.addCleanup(client._client.close)
+        parts = list(client.generate(model="fake", prompt="hi", stream=True))
+        self.assertTrue(parts[-1]["done"])
+        anonymous = ollama.Client(host=url)
+        self.addCleanup(anonymous._client.close)
+        with self.assertRaises(ollama.ResponseError) as caught:
+            anonymous.generate(model="fake", prompt="hi")
+        self.assertEqual(caught.exception.status_code, 401)
+
+    @unittest.skipUnless(installed("openai"), "the openai package is not installed")
+    def test_openai_client_with_key(self):
+        import openai
+        url = "http://127.0.0.1:%d/v1" % self.gw.port
+        client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
+        chunks = list(client.chat.completions.create(model="fake", messages=[], stream=True))
+        self.assertEqual(chunks[0].choices[0].delta.content, "tok0")
+        with self.assertRaises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).chat.completions.create(
+                model="fake", messages=[])
+
+
+class AdminLockTest(GatewayCase):
+
+    def test_model_management_is_locked_by_default(self):
+        before = len(self.fake.requests)
+        for method, path in (("POST", "/api/pull"), ("POST", "/api/push"), ("POST", "/api/create"),
+                             ("POST", "/api/copy"), ("DELETE", "/api/delete"),
+                             ("POST", "/api/blobs/sha256:abc"), ("HEAD", "/api/blobs/sha256:abc"),
+                             ("POST", "/api/%70ull"), ("POST", "/api//pull"),
+                             ("POST", "/api/pull/"), ("POST", "/x/../api/delete")):
+            with self.subTest(path=path):
+                r = self.conn().request(method, path, {"model": "fake"})
+                self.assertEqual(r.status, 403)
+                if method != "HEAD":
+                    self.assertIn("--allow-admin", r.json()["error"])
+        self.assertEqual(len(self.fake.requests), before)
+        self.assertEqual(self.conn().request("POST", "/api/generate", {"n": 1}).status, 200)
+
+    def test_startup_line_warns_when_exposed_without_key(self):
+        self.assertNotIn("no --api-key", self.gw.startup_line)  # 127.0.0.1 is not exposed
+        p = subprocess.Popen([sys.executable, QLITE, "--host", "0.0.0.0", "--port", "0",
+                              "--upstream", "127.0.0.1:9"], stderr=subprocess.PIPE, text=True)
+        try:
+            self.assertIn("no --api-key", p.stderr.readline())
+        finally:
+            p.kill()
+            p.wait()
+            p.stderr.close()
+
+
+class AdminAllowedTest(GatewayCase):
+    flags = ("--allow-admin", "--api-key", KEY)
+
+    def test_allow_admin_opens_model_management_behind_the_key(self):
+        auth = [("Authorization", "Bearer " + KEY)]
+        self.assertEqual(self.conn().request("POST", "/api/pull", {"n": 2}).status, 401)
+        r = self.conn().request("POST", "/api/pull", {"n": 2}, headers=auth)
+        self.assertEqual((r.status, len(r.chunks)), (200, 2))
+        r = self.conn().request("DELETE", "/api/delete", {"model": "fake"}, headers=auth)
+        self.assertEqual(r.status, 200)
+
+
+# ======================================================================== hostile input
+
+class HostileInputTest(GatewayCase):
+    flags = ("--max-body", "4096", "--client-timeout", "1")
+
+    def assert_refused(self, raw, status):
+        before = len(self.fake.requests)
+        reply = raw_exchange(self.gw.port, raw)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 %d " % status), (raw[:80], reply[:120]))
+        head, _, body = reply.partition(b"\r\n\r\n")
+        self.assertIn(b"Connection: close", head)
+        self.assertIn("error", json.loads(body))
+        self.assertEqual(len(self.fake.requests), before, "forwarded: %r" % raw[:80])
+
+    def test_request_smuggling_is_refused(self):
+        post = b"POST /api/generate HTTP/1.1\r\nHost: x\r\n"
+        for extra, status in (
+                (b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n{}", 400),
+                (b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n{}", 400),
+                (b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}", 400),
+                (b"Content-Length: -1\r\n\r\n{}", 400),
+                (b"Content-Length: +2\r\n\r\n{}", 400),
+                (b"Content-Length: 1e3\r\n\r\n{}", 400),
+                (b"Content-Length: 0x2\r\n\r\n{}", 400),
+                (b"Content-Length: 2, 2\r\n\r\n{}", 400),
+                (b"Content-Length: \xb2\r\n\r\n{}", 400),
+                (b"Transfer-Encoding: gzip\r\n\r\n{}", 501),
+                (b"Transfer-Encoding: gzip, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 501),
+                (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 501),
+                (b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n", 400),
+                (b"Transfer-Encoding: chunked\r\n\r\n-2\r\n{}\r\n0\r\n\r\n", 400),
+                (b"Transfer-Encoding: chunked\r\n\r\n0x2\r\n{}\r\n0\r\n\r\n", 400),
+                (b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}xx\r\n0\r\n\r\n", 400),
+                (b"Transfer-Encoding: chunked\r\n\r\n1111111111111111\r\n", 400),
+                (b"Transfer-Encoding: chunked\r\n\r\n" + b"1" * 2000, 400)):
+            with self.subTest(extra=extra[:60]):
+                self.assert_refused(post + extra, status)
+
+    def test_malformed_heads_are_refused(self):
+        for raw, status in (
+                (b"GET /\r\n\r\n", 400),
+                (b"GET  / HTTP/1.1\r\n\r\n", 400),
+                (b"GET / HTTP/1.1 extra\r\n\r\n", 400),
+                (b"GET / HTTP/2.0\r\n\r\n", 505),
+                (b"GET / HTTP/0.9\r\n\r\n", 505),
+                (b"GET / HTTX/1.1\r\n\r\n", 400),
+                (b"G@T / HTTP/1.1\r\n\r\n", 400),
+                (b"GET / HTTP/1.1\r\nHost : x\r\n\r\n", 400),
+                (b"GET / HTTP/1.1\r\nHost\t: x\r\n\r\n", 400),
+                (b"GET / HTTP/1.1\r\nHost: x\r\n  folded\r\n\r\n", 400),
+                (b"GET / HTTP/1.1\r\nX-A: a\x01b\r\n\r\n", 400),
+                (b"GET / HTTP/1.1\r\nX-A: a\x00b\r\n\r\n", 400),
+                (b"GET / HTTP/1.1\r\nX\x00A: ab\r\n\r\n", 400),
+                (b"GET / HTTP/1.1\r\n: empty-name\r\n\r\n", 400),
+                (b"GET api/tags HTTP/1.1\r\n\r\n", 400),
+                (b"GET * HTTP/1.1\r\n\r\n", 400),
+                (b"GET /a\x7fb HTTP/1.1\r\n\r\n", 400),
+                (b"GET /\xe2\x82\xac HTTP/1.1\r\n\r\n", 400),
+                (b"CONNECT example.com:443 HTTP/1.1\r\n\r\n", 405)):
+            with self.subTest(raw=raw[:40]):
+                self.assert_refused(raw, status)
+
+    def test_absolute_form_is_served_from_the_upstream_only(self):
+        r = self.conn().request("GET", "http://evil.example:9/echo?a=1")
+        self.assertEqual(r.status, 200)
+        self.assertEqual(r.json()["target"], "/echo?a=1")
+        names = {k.lower(): v for k, v in r.json()["headers"]}
+        self.assertEqual(names["host"], "127.0.0.1:%d" % self.fake.port)
+
+    def test_size_limits(self):
+        self.assert_refused(b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431)
+        self.assert_refused(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", 431)
+        self.assert_refused(b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414)
+        self.assertEqual(self.conn().request("GET", "/api/tags", headers=[("X-A", "b")] * 99).status,
+                         200)
+        # 413 comes as soon as the length is known, before any of the body is sent
+        c = self.conn()
+        c.send(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")
+        r = c.response()
+        self.assertEqual(r.status, 413)
+        c = self.conn()
+        c.send(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+               + (b"800\r\n" + b"x" * 2048 + b"\r\n") * 3)
+        self.assertEqual(c.response().status, 413)
+        body = json.dumps({"n": 1, "pad": 3000}).encode()
+        self.assertEqual(self.conn().request("POST", "/api/generate", body).status, 200)
+
+    def test_errors_never_disturb_other_clients(self):
+        stream = self.conn()
+        stream.request("POST", "/api/generate", {"n": 3, "hold": True}, read=False)
+        stream.head()
+        stream.read_chunk()
+        for raw in (b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nHost : x\r\n\r\n", b"\x16\x03\x01\x02"):
+            raw_exchange(self.gw.port, raw)
+        self.assertEqual(self.gw.health()["active"], 1)
+        self.fake.release.set()
+        self.assertTrue(stream.read_chunks()[1])
+
+    def test_a_hundred_slow_clients_leave_everyone_else_served(self):
+        slow = [self.conn() for _ in range(100)]
+        stop = threading.Event()
+
+        def dribble():  # one byte of a request head per client every 50 ms
+            head = b"POST /api/generate HTTP/1.1\r\nHost: x\r\n"
+            for i in range(len(head)):
+                if stop.is_set():
+                    return
+                for c in slow:
+                    try:
+                        c.send(head[i:i + 1])
+                    except OSError:
+                        pass
+                stop.wait(0.05)
+        threading.Thread(target=dribble, daemon=True).start()
+        try:
+            worst = 0.0
+            for _ in range(20):
+                start = time.monotonic()
+                r = self.conn().request("POST", "/api/generate", {"n": 2})
+                worst = max(worst, time.monotonic() - start)
+                self.assertEqual(r.status, 200)
+            self.assertLess(worst, 0.5)
+            for c in slow:  # each is cut at --client-timeout with a 408
+                self.assertEqual(c.response().status, 408)
+        finally:
+            stop.set()
+
+    def test_a_thousand_idle_connections(self):
+        idle = []
+        try:
+            for _ in range(1000):
+                idle.append(socket.create_connection(("127.0.0.1", self.gw.port), timeout=TIMEOUT))
+            r = self.conn().request("POST", "/api/generate", {"n": 2})
+            self.assertEqual((r.status, len(r.chunks)), (200, 3))
+        finally:
+            for s in idle:
+                s.close()
+
+
+class DescriptorExhaustionTest(unittest.TestCase):
+
+    def test_running_out_of_descriptors_neither_spins_nor_crashes(self):
+        import resource
+        fake = FakeOllama()
+        env = dict(os.environ)
+        cmd = [sys.executable, QLITE, "--host", "127.0.0.1", "--port", "0",
+               "--upstream", "127.0.0.1:%d" % fake.port]
+        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env,
+                                preexec_fn=lambda: resource.setrlimit(
+                                    resource.RLIMIT_NOFILE, (40, 40)))
+        conns = []
+        try:
+            port = int(re.search(r":(\d+),", proc.stderr.readline()).group(1))
+            for _ in range(60):  # more than the gateway can hold
+                conns.append(socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT))
+
+            def cpu_seconds():
+                with open("/proc/%d/stat" % proc.pid) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            before, start = cpu_seconds(), time.monotonic()
+            wait_for(lambda: time.monotonic() - start > 1.0)
+            self.assertLess(cpu_seconds() - before, 0.3, "the loop spins when out of descriptors")
+            for c in conns:
+                c.close()
+            conns = []
+
+            def served():
+                c = Conn(port)
+                try:
+                    return c.request("GET", "/api/version").status == 200
+                except OSError:
+                    return False
+                finally:
+                    c.close()
+            wait_for(served, message="served again once descriptors are free")
+            self.assertIsNone(proc.poll())
+        finally:
+            for c in conns:
+                c.close()
+            proc.kill()
+            proc.wait()
+            proc.stderr.close()
+            fake.stop()
+
+
+class FuzzTest(GatewayCase):
+    flags = ("--client-timeout", "1", "--max-body", "100000")
+
+    def mutate(self, rng, data):
+        data = bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            op = rng.randrange(6)
+            pos = rng.randrange(len(data) + 1)
+            if op == 0 and data:
+                data[min(pos, len(data) - 1)] = rng.randrange(256)
+            elif op == 1:
+                data[pos:pos] = rng.choice([b"\r\n", b"\n", b" ", b":", b"\x00", b"\t",
+                                            b"Content-Length: 5\r\n", b"Transfer-Encoding: chunked\r\n",
+                                            b"0\r\n\r\n", b"ffffffff\r\n", bytes([rng.randrange(256)])])
+            elif op == 2:
+                del data[pos:pos + rng.randint(1, 20)]
+            elif op == 3:
+                data = data[:pos]
+            elif op == 4:
+                data[pos:pos] = data[:rng.randint(1, 60)]
+            else:
+                data = data.replace(b"HTTP/1.1", rng.choice([b"HTTP/1.0", b"HTTP/9.9", b"HTTP/1.1 "]))
+        return bytes(data)
+
+    def test_random_mutations_of_valid_requests(self):
+        import random
+        seed = int(os.environ.get("QLITE_FUZZ_SEED", "1234"))
+        rng = random.Random(seed)
+        body = json.dumps({"n": 2}).encode()
+        valid = [
+            b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+            b"POST /api/chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+            % (len(body), body),
+            b"GET /api/version HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n"
+            b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body),
+            b"GET /qlite/health HTTP/1.0\r\n\r\n"]
+        cases = [self.mutate(rng, rng.choice(valid)) for _ in range(300)]
+        for start in range(0, len(cases), 30):  # 30 at a time, each on its own connection
+            threads = [threading.Thread(target=raw_exchange, args=(self.gw.port, case, 5))
+                       for case in cases[start:start + 30]]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(TIMEOUT)
+            self.assertIsNone(self.gw.proc.poll(), "gateway died (seed %d)" % seed)
+        self.gw.wait_idle()
+        self.assertFalse([line for line in self.gw.log if "Traceback" in line],
+                         "a traceback in the gateway log (seed %d)" % seed)
+        r = self.conn().request("POST", "/api/generate", {"n": 3})
+        self.assertEqual(len(r.chunks), 4)
+
+
+# ======================================================================== health and metrics
+
+class MetricsTest(GatewayCase):
+    flags = ("--max-active", "1")
+
+    def test_health(self):
+        h = self.gw.health()
+        self.assertEqual(h, {"status": "ok", "active": 0, "max_active": 1,
+                             "upstream": "http://127.0.0.1:%d" % self.fake.port})
+        self.assertEqual(self.conn().request("POST", "/qlite/health", b"").status, 405)
+        self.assertEqual(self.conn().request("GET", "/qlite/nothing").status, 404)
+
+    def test_metrics_are_exact(self):
+        gw = GatewayProcess(self.fake.port, "--max-active", "1", "--quiet")  # counters from zero
+        self.addCleanup(gw.stop)
+        received = []
+
+        def post(path, opts, send_only=False):
+            body = json.dumps(opts).encode()
+            raw = b"POST %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (
+                path.encode(), len(body), body)
+            if send_only:
+                sock = socket.create_connection(("127.0.0.1", gw.port), timeout=TIMEOUT)
+                sock.sendall(raw)
+                return sock
+            received.append(raw_exchange(gw.port, raw))
+            return received[-1]
+        post("/api/generate", {"n": 3})
+        post("/api/chat", {"n": 5})
+        post("/api/generate", {"n": 3, "fail": "reset", "fail_after": 1})
+        post("/api/generate", {"status": 404})
+        held = post("/api/generate", {"n": 2, "hold": True}, send_only=True)
+        got = b""
+        while b"tok0" not in got:  # holds the only slot while the next request is turned away
+            got += held.recv(65536)
+        self.assertTrue(post("/api/generate", {"n": 1}).startswith(b"HTTP/1.1 503 "))
+        self.fake.release.set()
+        while True:
+            data = held.recv(65536)
+            if not data:
+                break
+            got += data
+        held.close()
+        received.append(got)
+        # the slot was freed before the gateway closed that connection: no wait needed
+        c = gw.conn()
+        text = c.request("GET", "/qlite/metrics").body.decode()
+        c.close()
+        metrics = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+        self.assertEqual(metrics["qlite_active_requests"], "0")
+        self.assertEqual(metrics["qlite_max_active_requests"], "1")
+        self.assertEqual(metrics['qlite_requests_total{code="200"}'], "4")
+        self.assertEqual(metrics['qlite_requests_total{code="404"}'], "1")
+        self.assertEqual(metrics['qlite_requests_total{code="503"}'], "1")
+        self.assertEqual(metrics["qlite_rejected_total"], "1")
+        self.assertEqual(metrics["qlite_upstream_errors_total"], "1")
+        self.assertEqual(metrics["qlite_generated_tokens_total"], "10")  # 3 + 5 + 2
+        self.assertAlmostEqual(float(metrics["qlite_generation_seconds_total"]), 0.2)
+        self.assertEqual(metrics["qlite_time_to_first_byte_seconds_count"], "5")
+        self.assertEqual(metrics['qlite_time_to_first_byte_seconds_bucket{le="+Inf"}'], "5")
+        self.assertEqual(metrics['qlite_time_to_first_byte_seconds_bucket{le="60.0"}'], "5")
+        self.assertEqual(int(metrics["qlite_response_bytes_total"]), len(b"".join(received)))
+        self.assertIn("# TYPE qlite_time_to_first_byte_seconds histogram", text)
