@@ -1575,3 +1575,139 @@ class MetricsTest(GatewayCase):
         self.assertEqual(metrics['qlite_time_to_first_byte_seconds_bucket{le="60.0"}'], "5")
         self.assertEqual(int(metrics["qlite_response_bytes_total"]), len(b"".join(received)))
         self.assertIn("# TYPE qlite_time_to_first_byte_seconds histogram", text)
+
+
+# ======================================================================== scale out behind nginx
+
+def find_nginx():
+    for path in ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx"):
+        if os.access(path, os.X_OK):
+            return path
+    from shutil import which
+    return which("nginx")
+
+
+def free_port():
+    probe = socket.create_server(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    return port
+
+
+NGINX_CONF = """
+worker_processes 1;
+pid %(dir)s/nginx.pid;
+error_log %(dir)s/error.log warn;
+events { worker_connections 256; }
+http {
+    access_log off;
+    client_body_temp_path %(dir)s/body;
+    proxy_temp_path %(dir)s/proxy;
+    fastcgi_temp_path %(dir)s/fastcgi;
+    uwsgi_temp_path %(dir)s/uwsgi;
+    scgi_temp_path %(dir)s/scgi;
+
+    # The recipe of README.md, "Scale out with nginx".
+    upstream qlite {
+        server 127.0.0.1:%(a)d max_fails=0;
+        server 127.0.0.1:%(b)d max_fails=0;
+        keepalive 16;
+    }
+    server {
+        listen 127.0.0.1:%(port)d;
+        location / {
+            proxy_pass http://qlite;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_read_timeout 600s;
+            proxy_next_upstream error timeout http_503 non_idempotent;
+        }
+    }
+}
+"""
+
+
+@unittest.skipUnless(find_nginx(), "nginx is not installed (apt-get install nginx-light)")
+class ScaleOutTest(unittest.TestCase):
+
+    def setUp(self):
+        import tempfile
+        self.fakes = [FakeOllama(), FakeOllama()]
+        self.gws = [GatewayProcess(f.port, "--max-active", "2") for f in self.fakes]
+        self.dir = tempfile.mkdtemp(prefix="qlite-nginx-")
+        os.chmod(self.dir, 0o777)
+        self.port = free_port()
+        conf = os.path.join(self.dir, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(NGINX_CONF % {"dir": self.dir, "a": self.gws[0].port, "b": self.gws[1].port,
+                                  "port": self.port})
+        self.nginx = subprocess.Popen([find_nginx(), "-p", self.dir, "-c", conf, "-g",
+                                       "daemon off;"], stderr=subprocess.PIPE)
+        wait_for(self.nginx_up, message="nginx accepting")
+        self.conns = []
+
+    def nginx_up(self):
+        self.assertIsNone(self.nginx.poll(), self.nginx.stderr.read() if self.nginx.poll() else "")
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def tearDown(self):
+        for f in self.fakes:
+            f.release.set()
+        for c in self.conns:
+            c.close()
+        self.nginx.terminate()
+        self.nginx.wait(TIMEOUT)
+        self.nginx.stderr.close()
+        for g in self.gws:
+            g.stop()
+        for f in self.fakes:
+            f.stop()
+        import shutil
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def conn(self):
+        c = Conn(self.port)
+        self.conns.append(c)
+        return c
+
+    def test_busy_nodes_pass_requests_on_and_the_fifth_gets_503(self):
+        for _ in range(4):
+            c = self.conn()
+            c.request("POST", "/api/generate", {"n": 3, "hold": True}, read=False)
+            self.assertEqual(c.head()[0], 200)
+            self.assertEqual(json.loads(c.read_chunk())["response"], "tok0")
+        self.assertEqual([g.health()["active"] for g in self.gws], [2, 2])
+        self.assertEqual([f.count("/api/generate") for f in self.fakes], [2, 2])
+        r = self.conn().request("POST", "/api/generate", {"n": 1})
+        self.assertEqual(r.status, 503)
+        self.assertIn("busy", r.json()["error"])
+        self.assertEqual([f.count("/api/generate") for f in self.fakes], [2, 2])  # never forwarded
+        for f in self.fakes:
+            f.release.set()
+        for c in self.conns[:4]:  # lines released together may share an nginx chunk: count lines
+            rest, complete = c.read_chunks()
+            self.assertTrue(complete)
+            self.assertEqual(b"".join(rest).count(b"\n"), 3)
+
+    def test_streaming_through_the_chain_is_one_line_per_chunk_as_produced(self):
+        c = self.conn()
+        c.request("POST", "/api/chat", {"n": 3, "hold": True}, read=False)
+        status, _, headers = c.head()
+        self.assertEqual(status, 200)
+        self.assertEqual(headers.get("transfer-encoding"), "chunked")
+        first = c.read_chunk()  # arrives while the upstream still holds the rest: nothing buffers
+        self.assertEqual(json.loads(first)["message"]["content"], "tok0")
+        for f in self.fakes:
+            f.release.set()
+        rest, complete = c.read_chunks()
+        self.assertTrue(complete)
+        r = self.conn().request("POST", "/api/generate", {"n": 6, "delay": 0.02, "merge": 1})
+        self.assertEqual(len(r.chunks), 7)
+        for chunk in r.chunks:
+            self.assertEqual(chunk.count(b"\n"), 1)
+            json.loads(chunk)
