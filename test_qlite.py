@@ -1711,3 +1711,15 @@ class ScaleOutTest(unittest.TestCase):
         for chunk in r.chunks:
             self.assertEqual(chunk.count(b"\n"), 1)
             json.loads(chunk)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--fake-ollama"]:  # the benchmark runs the fake in its own process
+        fake = FakeOllama(int(sys.argv[2]) if len(sys.argv) > 2 else 0)
+        print("fake ollama on %d" % fake.port, flush=True)
+        try:
+            signal.sigwait([signal.SIGTERM, signal.SIGINT])
+        finally:
+            fake.stop()
+    else:
+        unittest.main()
