@@ -102,12 +102,15 @@ class Request:
     def __init__(self, method, target, version, headers):
         self.method, self.target, self.version, self.headers = method, target, version, headers
         self.path, self.started = target.split("?", 1)[0], time.monotonic()
+        self.fields = {}  # lower-cased name: its values
+        for name, value in headers:
+            self.fields.setdefault(name.lower(), []).append(value)
         self.connection = {t.strip().lower() for v in self.values("connection") for t in v.split(",")}
         self.keep_alive = version == "HTTP/1.1" and "close" not in self.connection
         self.body, self.has_body = LengthReader(0), False
 
     def values(self, name):
-        return [v for n, v in self.headers if n.lower() == name]
+        return self.fields.get(name, [])
 
     def header(self, name):
         return next(iter(self.values(name)), "")
@@ -252,8 +255,11 @@ class Framer:
             cut += len(self.sep)
             records, self.partial = data[:cut].split(self.sep), data[cut:]
             records.pop()  # the empty string after the last separator
-            self.last, self.broken, sep, n = records[-1], False, self.sep, len(self.sep)
-            data = b"".join([b"%x\r\n%s%s\r\n" % (len(r) + n, r, sep) for r in records])
+            self.last, self.broken, n = records[-1], False, len(self.sep)
+            pieces = [self.sep + b"\r\n"] * (3 * len(records))  # size, record, separator + CRLF
+            pieces[0::3] = [b"%x\r\n" % (len(r) + n) for r in records]
+            pieces[1::3] = records
+            data = b"".join(pieces)
         else:
             self.partial, data = data, b""
         if len(self.partial) > MAX_LINE:  # send an over-long record on, so memory stays bounded
@@ -465,9 +471,9 @@ class Client:
         """Answer bad input and hang up: where the next request would start is unknowable."""
         self.respond(error.status, str(error), extra=error.headers, close=True)
 
-    def start_response(self, status, data):
+    def start_response(self, status, data, flush=True):
         self.status, self.first_byte, self.sent = status, time.monotonic(), 0
-        self.write(data)
+        self.write(data, flush)
 
     def end_response(self, close):
         """The response is queued whole: log it, then hang up or wait for the next request."""
@@ -484,12 +490,20 @@ class Client:
         if not self.closed:
             self.advance()
 
-    def write(self, data):
+    def write(self, data, flush=True):
         """Queue bytes for the client and send what the socket takes now."""
         self.sent += len(data)
         self.gw.metrics.response_bytes += len(data)
+        if flush and not self.outbuf and data and not self.closed:
+            try:  # the common case: nothing queued, so send straight from data without a copy
+                data = data[self.sock.send(data):]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                return self.close()
         self.outbuf += data
-        self.flush()
+        if flush:
+            self.flush()
         if len(self.outbuf) > HIGH_WATER and self.upstream:
             self.upstream.pause(True)
 
@@ -565,6 +579,8 @@ class Upstream:
         self.sock = sock
         self.deadline = time.monotonic() + min(CONNECT_TIMEOUT, self.gw.args.upstream_timeout)
         self.gw.sel.register(sock, WRITE, self)
+        if self.reused:
+            self.on_event(WRITE)  # a kept-alive connection is writable now: no need to wait a turn
 
     def on_event(self, mask):
         try:
@@ -617,7 +633,7 @@ class Upstream:
         self.reader = ChunkedReader() if resp.chunked else LengthReader(resp.length)
         head, self.framer, self.keep_client = plan_response(resp, self.client.request)
         self.gw.metrics.observe_ttfb(time.monotonic() - self.client.request.started)
-        self.client.start_response(resp.status, head)
+        self.client.start_response(resp.status, head, flush=False)  # leaves with the body's start
 
     def finish(self):
         """A clean end: keep the connection for the next request if its framing allows."""
