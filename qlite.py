@@ -408,6 +408,7 @@ class Client:
             self.close()  # done lingering, not reading its output, or idle between requests
         else:
             self.fail(ProtocolError(408, "request not received in %gs" % self.gw.args.client_timeout))
+            self.set_interest()
 
     def advance(self):
         """Start the requests waiting in inbuf, in order, until one is in flight or bytes run out."""
@@ -788,7 +789,6 @@ class Gateway:
                 [u for u in self.upstreams if now > u.deadline and not u.paused]:
             if not conn.closed:
                 conn.on_timeout(now)
-                getattr(conn, "set_interest", lambda: None)()
 
     def on_signal(self, signum, frame):
         if self.stop_requested:

@@ -175,6 +175,9 @@ class FakeOllama:
             return True
         if path == "/api/version":
             return self.send_json(conn, 200, {"version": "0.12.6"})
+        if path == "/close-after":  # answers as if keeping the connection, then drops it
+            self.send_json(conn, 200, {"version": "0.12.6"})
+            return False
         if path == "/api/tags":
             return self.send_json(conn, 200, {"models": [{"name": "fake:latest", "model": "fake:latest"}]})
         if path == "/echo":  # what reached the upstream, for header and body assertions
@@ -679,6 +682,20 @@ class ClientProtocolTest(GatewayCase):
         self.assertEqual(names["user-agent"], "ollama-python/0.6")
         for hop in ("connection", "x-hop", "keep-alive", "te", "upgrade", "proxy-authorization"):
             self.assertNotIn(hop, names)
+
+    def test_upstream_connections_are_reused(self):
+        self.conn().request("GET", "/api/version")
+        before = self.fake.connections
+        for _ in range(5):
+            self.assertEqual(self.conn().request("GET", "/api/version").status, 200)
+            self.assertEqual(len(self.conn().request("POST", "/api/generate", {"n": 2}).chunks), 3)
+        self.assertEqual(self.fake.connections, before)
+
+    def test_an_idle_connection_the_upstream_dropped_is_retried_anew(self):
+        for _ in range(3):
+            self.assertEqual(self.conn().request("GET", "/close-after").status, 200)
+            r = self.conn().request("POST", "/api/generate", {"n": 2})  # its connection is dead
+            self.assertEqual((r.status, len(r.chunks)), (200, 3))
 
     def test_upstream_errors_pass_through_unchanged(self):
         for status in (400, 404, 500, 503):
