@@ -579,9 +579,10 @@ class Upstream:
             sock.connect_ex(self.gw.upstream_addr)  # in progress; a refusal shows when we send
         self.sock = sock
         self.deadline = time.monotonic() + min(CONNECT_TIMEOUT, self.gw.args.upstream_timeout)
-        self.gw.sel.register(sock, WRITE, self)
         if self.reused:
             self.on_event(WRITE)  # a kept-alive connection is writable now: no need to wait a turn
+        else:
+            self.gw.sel.register(sock, WRITE, self)
 
     def on_event(self, mask):
         try:
@@ -600,10 +601,10 @@ class Upstream:
         try:
             self.out = self.out[self.sock.send(self.out):]
         except (BlockingIOError, InterruptedError):
-            return
+            pass
         if not self.out:
             self.deadline = time.monotonic() + self.gw.args.upstream_timeout
-            self.gw.sel.modify(self.sock, READ, self)
+        self.gw.sel.modify(self.sock, WRITE if self.out else READ, self)
 
     def receive(self):
         try:
@@ -680,12 +681,13 @@ class Upstream:
         self.closed = True
         self.gw.active -= 1
         self.gw.upstreams.discard(self)
+        if reusable and len(self.gw.idle) < self.gw.args.max_active:
+            self.gw.sel.modify(self.sock, READ, None)  # stays registered: see Gateway.run
+            self.gw.idle.append(self.sock)
+            return
         if not self.paused:
             self.gw.sel.unregister(self.sock)
-        if reusable and len(self.gw.idle) < self.gw.args.max_active:
-            self.gw.idle.append(self.sock)
-        else:
-            self.sock.close()
+        self.sock.close()
 
 # ================================================================================ The loop
 
@@ -764,6 +766,11 @@ class Gateway:
         next_sweep = drain_deadline = 0.0
         while not self.draining or (self.clients and time.monotonic() < drain_deadline):
             for key, mask in self.sel.select(TICK):
+                if key.data is None:  # an idle upstream connection: any event means it is gone
+                    self.idle.remove(key.fileobj)
+                    self.sel.unregister(key.fileobj)
+                    key.fileobj.close()
+                    continue
                 try:
                     key.data.on_event(mask)
                 except Exception:  # a bug hurts one connection, never the loop

@@ -209,7 +209,7 @@ def bulk_throughput(target, lines=200000, merge=32):
     if seen != lines + 1:
         raise RuntimeError("%s: %d lines, expected %d" % (target.name, seen, lines + 1))
     cpu = cpu_seconds(pids) - cpu0 if target.name != "direct" else None
-    return seen / elapsed, (cpu * 1e6 / seen if cpu is not None else None)
+    return seen / elapsed, cpu, seen
 
 
 def small_requests(target, count=2000):
@@ -291,8 +291,8 @@ def main():
         targets.append(nginx)
     else:
         print("nginx is not installed (apt-get install nginx-light): measuring direct and Q-Lite")
-    results = {t.name: {"token_p50": [], "token_p99": [], "bulk_lps": [], "bulk_cpu_us": [],
-                        "small_p50": [], "small_p99": []} for t in targets}
+    results = {t.name: {"token_p50": [], "token_p99": [], "bulk_lps": [], "bulk_cpu_s": [],
+                        "bulk_lines": [], "small_p50": [], "small_p99": []} for t in targets}
     try:
         for target in targets:  # warm every path once
             small_requests(target, 100)
@@ -305,9 +305,10 @@ def main():
                 p50, p99 = token_latency(target)
                 res["token_p50"].append(p50)
                 res["token_p99"].append(p99)
-                lps, cpu = bulk_throughput(target)
+                lps, cpu, lines = bulk_throughput(target)
                 res["bulk_lps"].append(lps)
-                res["bulk_cpu_us"].append(cpu)
+                res["bulk_cpu_s"].append(cpu)
+                res["bulk_lines"].append(lines)
                 p50, p99 = small_requests(target)
                 res["small_p50"].append(p50)
                 res["small_p99"].append(p99)
@@ -316,8 +317,12 @@ def main():
     finally:
         for t in targets:
             t.stop()
-    figures = {name: {k: (statistics.median(v) if v and v[0] is not None else None)
-                      for k, v in res.items()} for name, res in results.items()}
+    figures = {}
+    for name, res in results.items():
+        cpu, lines = res.pop("bulk_cpu_s"), res.pop("bulk_lines")
+        figures[name] = {k: statistics.median(v) for k, v in res.items()}
+        # CPU is read in clock ticks (10 ms): per line it is the total over all rounds
+        figures[name]["bulk_cpu_us"] = sum(cpu) * 1e6 / sum(lines) if cpu[0] is not None else None
     figures["memory"] = memory
     report(figures, args.rounds)
     if args.json:
@@ -334,7 +339,8 @@ def report(fig, rounds):
         ratio_n = qv / nv if nv else None
         ratio_d = qv / dv if dv else None
         met = check(qv, ratio_n) if (ratio_n is not None or "nginx" not in target_text) else None
-        fmt = lambda v: "-" if v is None else ("%.1f" % (v * scale) if v * scale < 1000
+        fmt = lambda v: "-" if v is None else ("%.2f" % (v * scale) if v * scale < 10 else
+                                               "%.1f" % (v * scale) if v * scale < 1000
                                                else "{:,.0f}".format(v * scale))
         rows.append((label + " (" + unit + ")", fmt(dv), fmt(qv), fmt(nv),
                      "-" if ratio_n is None else "%.2fx" % ratio_n,
