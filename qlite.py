@@ -767,9 +767,10 @@ class Gateway:
         while not self.draining or (self.clients and time.monotonic() < drain_deadline):
             for key, mask in self.sel.select(TICK):
                 if key.data is None:  # an idle upstream connection: any event means it is gone
-                    self.idle.remove(key.fileobj)
-                    self.sel.unregister(key.fileobj)
-                    key.fileobj.close()
+                    if key.fileobj in self.idle:  # (unless taken for a request earlier in this batch)
+                        self.idle.remove(key.fileobj)
+                        self.sel.unregister(key.fileobj)
+                        key.fileobj.close()
                     continue
                 try:
                     key.data.on_event(mask)

@@ -1611,18 +1611,22 @@ def free_port():
     return port
 
 
-NGINX_CONF = """
+NGINX_PROLOGUE = """
 worker_processes 1;
 pid %(dir)s/nginx.pid;
 error_log %(dir)s/error.log warn;
-events { worker_connections 256; }
+events { worker_connections 4096; }
 http {
     access_log off;
+    keepalive_requests 1000000;
     client_body_temp_path %(dir)s/body;
     proxy_temp_path %(dir)s/proxy;
     fastcgi_temp_path %(dir)s/fastcgi;
     uwsgi_temp_path %(dir)s/uwsgi;
     scgi_temp_path %(dir)s/scgi;
+"""  # a private nginx in a temporary folder: the part every configuration here shares
+
+NGINX_CONF = NGINX_PROLOGUE + """
 
     # The recipe of README.md, "Scale out with nginx".
     upstream qlite {

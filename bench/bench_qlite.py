@@ -10,27 +10,17 @@ the machine hits all targets alike; each figure is the median over rounds.
     python3 bench/bench_qlite.py [--rounds 7] [--json FILE]
 """
 
-import argparse, json, os, random, re, selectors, shutil, socket, statistics, subprocess, sys
+import argparse, json, os, random, re, selectors, socket, statistics, subprocess, sys
 import tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QLITE = os.path.join(ROOT, "qlite.py")
 FAKE = os.path.join(ROOT, "test_qlite.py")
+sys.path.insert(0, ROOT)
+from test_qlite import NGINX_PROLOGUE, find_nginx, free_port  # noqa: E402
 TICKS = os.sysconf("SC_CLK_TCK")
 
-NGINX_CONF = """
-worker_processes 1;
-pid %(dir)s/nginx.pid;
-error_log %(dir)s/error.log error;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    client_body_temp_path %(dir)s/body;
-    proxy_temp_path %(dir)s/proxy;
-    fastcgi_temp_path %(dir)s/fastcgi;
-    uwsgi_temp_path %(dir)s/uwsgi;
-    scgi_temp_path %(dir)s/scgi;
+NGINX_CONF = NGINX_PROLOGUE + """
     upstream ollama {
         server 127.0.0.1:%(upstream)d;
         keepalive 32;
@@ -52,13 +42,6 @@ http {
 
 
 # ============================================================================ processes
-
-def free_port():
-    s = socket.create_server(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
 
 def wait_accepting(port, timeout=10.0):
     deadline = time.monotonic() + timeout
@@ -123,13 +106,6 @@ def start_qlite(upstream, *extra):
                          stderr=subprocess.DEVNULL)
     wait_accepting(port)
     return Target("qlite", port, [p])
-
-
-def find_nginx():
-    for path in ("/usr/sbin/nginx", "/usr/local/sbin/nginx", shutil.which("nginx")):
-        if path and os.access(path, os.X_OK):
-            return path
-    return None
 
 
 def start_nginx(upstream):
