@@ -681,13 +681,14 @@ class Upstream:
         self.closed = True
         self.gw.active -= 1
         self.gw.upstreams.discard(self)
-        if reusable and len(self.gw.idle) < self.gw.args.max_active:
-            self.gw.sel.modify(self.sock, READ, None)  # stays registered: see Gateway.run
+        if reusable and len(self.gw.idle) < self.gw.args.max_active:  # idle, but registered:
+            keep = self.gw.sel.register if self.paused else self.gw.sel.modify  # see Gateway.run
+            keep(self.sock, READ, None)
             self.gw.idle.append(self.sock)
-            return
-        if not self.paused:
-            self.gw.sel.unregister(self.sock)
-        self.sock.close()
+        else:
+            if not self.paused:  # (a paused socket is unregistered while its client drains)
+                self.gw.sel.unregister(self.sock)
+            self.sock.close()
 
 # ================================================================================ The loop
 

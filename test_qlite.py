@@ -856,7 +856,7 @@ class BackpressureTest(GatewayCase):
         grown = self.rss_kib() - base
         self.assertLess(grown, 8 * 1024, "gateway grew %d KiB while the client stalled" % grown)
         r = c.response("POST")
-        self.assertTrue(r.complete)
+        self.assertTrue(r.complete, "".join(self.gw.log[-40:]) + " chunks %d" % len(r.chunks))
         self.assertEqual(len(r.chunks), n + 1)
         for i in (0, 1, n // 2, n - 1):
             self.assertEqual(json.loads(r.chunks[i])["response"], "tok%d%s" % (i, "x" * 1000))
