@@ -132,7 +132,7 @@ def parse_request(head, max_body):
     if target[:7].lower() == "http://":  # absolute-form: served from our own upstream only
         url = urlsplit(target)
         target = (url.path or "/") + ("?" + url.query if url.query else "")
-    if not target.startswith("/") or not target.isascii() or CONTROL.search(target):
+    if not target.startswith("/") or not (target.isascii() and target.isprintable()):
         raise ProtocolError(400, "malformed request target")
     if len(lines) > MAX_HEADERS + 1:
         raise ProtocolError(431, "more than %d request headers" % MAX_HEADERS)
@@ -755,7 +755,7 @@ class Gateway:
         if not self.args.quiet:
             req, now = client.request, time.monotonic()
             started = req.started if req else now
-            ttfb = "%.3fs" % (client.first_byte - started) if client.first_byte else "-"
+            ttfb = "%.3fs" % (client.first_byte - started) if client.first_byte and req else "-"
             sys.stderr.write('%s "%s %s" %d %dB ttfb=%s %.3fs\n' % (
                 client.addr, req.method if req else "-", req.target if req else "-", status,
                 client.sent, ttfb, now - started))
