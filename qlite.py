@@ -833,7 +833,8 @@ def main(argv=None):
     note = "" if args.api_key or host in ("127.0.0.1", "::1") else \
         " (no --api-key: anyone who can reach this port can use the model)"
     sys.stderr.write("qlite: listening on http://%s:%d, upstream http://%s, max %d active%s\n"
-                     % (host, port, gw.upstream_host, args.max_active, note))
+                     % ("[%s]" % host if ":" in host else host, port, gw.upstream_host,
+                        args.max_active, note))
     sys.stderr.flush()
     return gw.run()
 
