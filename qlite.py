@@ -378,7 +378,8 @@ class Client:
     def __init__(self, gw, sock, addr):
         self.gw, self.sock, self.addr = gw, sock, "%s:%s" % addr[:2]
         self.inbuf, self.outbuf = bytearray(), bytearray()
-        self.request = self.upstream = None  # the request being read or served; its Upstream
+        self.request = self.upstream = self.body_parts = None  # the request being read or
+        # served, its Upstream once forwarded, and the pieces of its body as they arrive
         self.status = self.first_byte = None  # of the response under way, once its head is out
         self.sent = self.events = 0
         self.closing = self.lingering = self.closed = False  # closing: hang up once flushed
@@ -816,7 +817,7 @@ class Gateway:
 
 def main(argv=None):
     args = parse_args(argv)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     try:  # a thousand idle connections need descriptors
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ValueError, OSError):
