@@ -564,7 +564,7 @@ class Upstream:
     """One request forwarded to Ollama: connect, send, read the head, stream the body back."""
 
     def __init__(self, gw, client, wire):
-        self.gw, self.client, self.wire, self.method = gw, client, wire, client.request.method
+        self.gw, self.client, self.wire = gw, client, wire
         self.response = self.reader = self.framer = None
         self.paused = self.closed = False
         gw.active += 1
@@ -632,7 +632,7 @@ class Upstream:
 
     def start(self, head):
         """The response head is here: choose how to read the body and how to frame it."""
-        resp = self.response = parse_response_head(head, self.method)
+        resp = self.response = parse_response_head(head, self.client.request.method)
         self.reader = ChunkedReader() if resp.chunked else LengthReader(resp.length)
         head, self.framer, self.keep_client = plan_response(resp, self.client.request)
         self.gw.metrics.observe_ttfb(time.monotonic() - self.client.request.started)
