@@ -1,37 +1,45 @@
 """Q-Lite: a tiny gateway that lets many people share one Ollama server safely.
 
-One thread runs one `selectors` loop that owns every socket, all non-blocking: the listener,
-each client connection (`Client`) and each connection to Ollama (`Upstream`). A Client parses
-HTTP/1.1 requests incrementally and answers what it can itself: bad input, its own endpoints and
-the 503 when every slot is busy. Every other request goes to an Upstream, which connects without
-blocking (or reuses an idle kept-alive connection), sends the request that `http.client` wrote,
-parses the response head with `http.client` and decodes the body as bytes arrive. A framer
-re-chunks the body for the client: one chunk per NDJSON line or SSE event, whatever chunking
-Ollama or the network used. An Upstream stops reading while its Client has too much unsent
-output, and deadlines are checked by a sweep four times a second, so a silent peer costs nothing.
+One thread runs one `selectors` loop over non-blocking sockets, each a Connection: the listener
+(the Gateway itself), each client (`Client`), each request forwarded to Ollama (`Upstream`) and
+the reachability probe (`Probe`). A Connection derives the events it wants from its state,
+queues what its socket cannot take yet and has one deadline; only the loop touches the selector,
+and an error ends the exchange that raised it, never the loop. Bytes stay in their connection's
+buffer until a pure reader takes them (request heads, sized or chunked bodies, response heads),
+so the result never depends on how TCP split them. A Client answers bad input, its own endpoints
+and the 503 when every slot is busy; an Upstream has `http.client` write the request and parse
+the response head, and a Framer re-chunks the body, one chunk per NDJSON line or SSE event.
 """
 
-import argparse, errno, hmac, http.client, io, json, os, posixpath, re, resource
-import selectors, signal, socket, sys, time, traceback, types
+import argparse, hmac, http.client, io, json, os, posixpath, re, resource, selectors, signal
+import socket, sys, time, traceback, types
 from urllib.parse import unquote, urlsplit
 
 # ================================================================================ Configuration
 
-MAX_HEAD = 64 * 1024        # request head; 431 beyond
+MAX_HEAD = 64 * 1024        # request head (431 beyond) or response head (502 beyond)
 MAX_HEADERS = 100           # 431 beyond
 MAX_TARGET = 8 * 1024       # 414 beyond
-MAX_LINE = 1024 * 1024      # a longer NDJSON line or SSE event is forwarded in pieces
-HIGH_WATER = 256 * 1024     # unsent client output that pauses reading the upstream
+MAX_CHUNK_LINE = 1024       # a chunk-size or trailer line; 400 beyond
+MAX_RECORD = 1024 * 1024    # a longer NDJSON line or SSE event is forwarded in pieces
+HIGH_WATER = 256 * 1024     # unsent output above which nothing more is read for that client
 READ_SIZE = 256 * 1024
 CONNECT_TIMEOUT = 10.0      # a dead upstream host must not hold a slot for the whole timeout
+PROBE_EVERY = 1.0           # Ollama is probed this often when no request has shown it is up
 LINGER = 2.0                # after our last byte, how long a client may go on sending
 DRAIN = 30.0                # how long requests in flight may run after SIGTERM
 TICK = 0.25                 # deadline sweep period
 HOP_BY_HOP = {"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"}
 NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect"}
 ADMIN_PATHS = {"/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete"}
+LIGHT = {"GET /", "HEAD /", "GET /api/tags", "GET /api/ps", "GET /api/version",
+         "POST /api/show", "GET /v1/models"}  # cost Ollama nothing: no generation slot
 TTFB_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+NDJSON = "application/x-ndjson"
+RECORDS = {  # media type: what ends a record cut short, and the error record that ends a stream
+    NDJSON: (b"\n", b'{"error": %s}\n'),
+    "text/event-stream": (b"\n\n", b'data: {"error": {"message": %s, "type": "api_error"}}\n\n')}
+READ, WRITE, NEVER = selectors.EVENT_READ, selectors.EVENT_WRITE, float("inf")
 
 def parse_upstream(value):
     """Read an upstream the way Ollama reads OLLAMA_HOST: host, host:port or http://host:port."""
@@ -43,21 +51,18 @@ def parse_upstream(value):
     return url.hostname, port or 11434
 
 def parse_args(argv=None):
+    """The command line; a mistake is one clear line and exit status 2."""
     p = argparse.ArgumentParser(prog="qlite.py", description="Share one Ollama server safely.")
     add = p.add_argument
     add("--host", default="0.0.0.0", help="address to listen on (0.0.0.0)")
     add("--port", type=int, default=8080, help="port to listen on (8080)")
     add("--upstream", default=os.environ.get("OLLAMA_HOST") or "http://127.0.0.1:11434",
         help="Ollama's address ($OLLAMA_HOST, else http://127.0.0.1:11434)")
-    add("--max-active", type=int, default=10, help="requests in flight; more get 503 (10)")
-    add("--client-timeout", type=float, default=30.0, metavar="S",
-        help="most seconds to send a request, sit idle or stop reading (30)")
-    add("--upstream-timeout", type=float, default=600.0, metavar="S",
-        help="most seconds Ollama may stay silent (600)")
-    add("--max-body", type=int, default=64 << 20, metavar="BYTES",
-        help="largest request body; 413 beyond (64 MiB)")
-    add("--api-key", default=os.environ.get("QLITE_API_KEY") or None,
-        help="require 'Authorization: Bearer KEY' ($QLITE_API_KEY)")
+    add("--max-active", type=int, default=10, help="generations at once; more get 503 (10)")
+    add("--client-timeout", type=float, default=30.0, help="seconds to send, idle, stall (30)")
+    add("--upstream-timeout", type=float, default=600.0, help="seconds Ollama may be silent")
+    add("--max-body", type=int, default=64 << 20, help="largest request body (64 MiB)")
+    add("--api-key", default=os.environ.get("QLITE_API_KEY"), help="require Bearer KEY")
     add("--allow-admin", action="store_true", help="let clients pull, push, create, copy, delete")
     add("--quiet", action="store_true", help="no access log")
     args = p.parse_args(argv)
@@ -75,208 +80,231 @@ def parse_args(argv=None):
 
 # ================================================================================ Wire helpers
 
+TOKEN = r"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+REQUEST_LINE = re.compile(r"(%s) (\S+) (HTTP/\d\.\d)\Z" % TOKEN)
+HEADER_LINE = re.compile(r"(%s):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*\Z" % TOKEN)
+EMPTY_LINES = re.compile(rb"[\r\n]*")
+HEAD_END = re.compile(rb"\r?\n\r?\n")
+INTERIM = re.compile(rb"HTTP/1\.\d 1\d\d[ \r\n]")  # 1xx: 103 Early Hints, 102 Processing
+LEADING_ZEROS = re.compile(rb"0*(?=0)")
+ABSOLUTE_FORM = re.compile(r"http://(\[[0-9A-Fa-f:.]+\]|[^/?#\[\]@]*)", re.IGNORECASE)
+CHUNK_SIZE = re.compile(rb"0?([0-9a-fA-F]{1,15})[ \t]*(;.*)?\Z")
+EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")  # a line end, then an empty line
+
 class ProtocolError(Exception):
     """Input we will not pass on, with the HTTP status (and headers) to answer it with."""
     def __init__(self, status, message, headers=()):
         super().__init__(message)
         self.status, self.headers = status, headers
+        self.decoded = b""  # body bytes decoded before the bad framing: they still go out
 
 def error_body(path, status, message):
     """The JSON error clients expect: Ollama's shape, or OpenAI's under /v1/."""
-    if not path.startswith("/v1/"):
-        return json.dumps({"error": message}).encode()
     kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}.get(
         status, "invalid_request_error" if status < 500 else "api_error")
     error = {"message": message, "type": kind, "param": None, "code": None}
-    return json.dumps({"error": error}).encode()
+    return json.dumps({"error": error if path.startswith("/v1/") else message}).encode()
 
 def response_head(status, reason, headers):
+    """A response head from a status line and (name, value) pairs."""
     lines = ["HTTP/1.1 %d %s" % (status, reason)] + ["%s: %s" % h for h in headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
-TOKEN = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+\Z")
-CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+def read_head(buf, too_large=431):
+    """Take a message head from the front of buf, or None while it is incomplete."""
+    del buf[:EMPTY_LINES.match(buf).end()]  # RFC 9112, 2.2; lines may end in a bare LF (nc)
+    end = HEAD_END.search(buf, 0, MAX_HEAD)
+    if end is None:
+        if len(buf) >= MAX_HEAD:
+            raise ProtocolError(too_large, "message head over %d bytes" % MAX_HEAD)
+        return None
+    head = bytes(buf[:end.start()])
+    del buf[:end.end()]
+    return head
+
+def read_response_head(buf):
+    """Take the final response head from buf, dropping interim 1xx ones (103 Early Hints)."""
+    head = read_head(buf, 502)
+    while head and INTERIM.match(head):
+        head = read_head(buf, 502)
+    return head
 
 class Request:
-    """A parsed request head: what it asks for, how its body comes, whether to keep alive."""
-    def __init__(self, method, target, version, headers):
-        self.method, self.target, self.version, self.headers = method, target, version, headers
-        self.path, self.started = target.split("?", 1)[0], time.monotonic()
-        self.fields = {}  # lower-cased name: its values
-        for name, value in headers:
-            self.fields.setdefault(name.lower(), []).append(value)
-        self.connection = {t.strip().lower() for v in self.values("connection") for t in v.split(",")}
-        self.keep_alive = version == "HTTP/1.1" and "close" not in self.connection
-        self.body, self.has_body = LengthReader(0), False
+    """A request head, parsed strictly (or ProtocolError), and its body as it arrives."""
 
-    def values(self, name):
-        return self.fields.get(name, [])
+    def __init__(self, head, max_body):
+        lines = re.split(r"\r?\n", head.decode("latin-1"))
+        line = REQUEST_LINE.match(lines[0])
+        if not line:
+            raise ProtocolError(400, "malformed request line")
+        self.method, target, self.version = line.groups()
+        if self.version not in ("HTTP/1.1", "HTTP/1.0"):
+            raise ProtocolError(505, "unsupported HTTP version")
+        if self.method == "CONNECT":
+            raise ProtocolError(405, "CONNECT is not supported: Q-Lite is not a forward proxy")
+        if len(target) > MAX_TARGET:
+            raise ProtocolError(414, "request target longer than %d bytes" % MAX_TARGET)
+        if len(lines) > MAX_HEADERS + 1:
+            raise ProtocolError(431, "more than %d request headers" % MAX_HEADERS)
+        absolute = ABSOLUTE_FORM.match(target)  # served from our own upstream only
+        if absolute:
+            target = target[absolute.end():] or "/"
+        if not (target.startswith("/") and target.isascii() and target.isprintable()):
+            raise ProtocolError(400, "malformed request target")
+        self.target, self.path, self.fields = target, target.split("?", 1)[0], {}
+        for line in lines[1:]:
+            field = HEADER_LINE.match(line)
+            if not field:
+                raise ProtocolError(400, "malformed header line")  # obs-fold, space before colon
+            self.fields.setdefault(field.group(1).lower(), []).append(field.group(2))
+        if self.version == "HTTP/1.1" and len(self.fields.get("host", ())) != 1:
+            raise ProtocolError(400, "an HTTP/1.1 request needs exactly one Host header")
+        self.connection = {t.strip().lower() for t in ",".join(self.fields.get("connection", ()))
+                           .split(",")}
+        self.keep_alive = self.version == "HTTP/1.1" and "close" not in self.connection
+        self.body, self.parts, self.started = self.body_reader(max_body), [], time.monotonic()
 
     def header(self, name):
-        return next(iter(self.values(name)), "")
+        return self.fields.get(name, [""])[0]
 
-def parse_request(head, max_body):
-    """Parse a request head (up to its blank line) strictly: a Request, or ProtocolError."""
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not TOKEN.match(parts[0]):
-        raise ProtocolError(400, "malformed request line")
-    method, target, version = parts
-    if version not in ("HTTP/1.1", "HTTP/1.0"):
-        raise ProtocolError(505 if re.match(r"HTTP/\d\.\d\Z", version) else 400,
-                            "unsupported HTTP version")
-    if method == "CONNECT":
-        raise ProtocolError(405, "CONNECT is not supported: Q-Lite is not a forward proxy")
-    if len(target) > MAX_TARGET:
-        raise ProtocolError(414, "request target longer than %d bytes" % MAX_TARGET)
-    if target[:7].lower() == "http://":  # absolute-form: served from our own upstream only
-        url = urlsplit(target)
-        target = (url.path or "/") + ("?" + url.query if url.query else "")
-    if not target.startswith("/") or not (target.isascii() and target.isprintable()):
-        raise ProtocolError(400, "malformed request target")
-    if len(lines) > MAX_HEADERS + 1:
-        raise ProtocolError(431, "more than %d request headers" % MAX_HEADERS)
-    headers = []
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        value = value.strip(" \t")
-        if not colon or not TOKEN.match(name) or CONTROL.search(value):
-            raise ProtocolError(400, "malformed header line")  # also obs-fold, space before colon
-        headers.append((name, value))
-    req = Request(method, target, version, headers)
-    codings, lengths = req.values("transfer-encoding"), set(req.values("content-length"))
-    req.has_body = bool(codings or lengths)
-    if codings and lengths:
-        raise ProtocolError(400, "both Content-Length and Transfer-Encoding")
-    if codings:
-        if ",".join(codings).lower() != "chunked":
+    def body_reader(self, max_body):
+        """How the body comes: by chunks, by length, or not at all."""
+        codings, lengths = self.fields.get("transfer-encoding"), self.fields.get("content-length")
+        if codings and lengths:
+            raise ProtocolError(400, "both Content-Length and Transfer-Encoding")
+        if codings and ",".join(codings).lower() != "chunked":
             raise ProtocolError(501, "only the chunked transfer-encoding is supported")
-        req.body = ChunkedReader(max_body)
-    elif lengths:
-        length = lengths.pop()
-        if lengths or not (length.isascii() and length.isdigit()) or len(length) > 18:
+        length = lengths[0] if lengths else "0"
+        if len(set(lengths or [length])) > 1 or not (length.isascii() and length.isdigit()) \
+                or len(length) > 18:
             raise ProtocolError(400, "bad Content-Length")
         if int(length) > max_body:
             raise ProtocolError(413, "request body larger than %d bytes" % max_body)
-        req.body = LengthReader(int(length))
-    return req
+        return ChunkedReader(max_body) if codings else LengthReader(int(length))
 
-def admin_path(path):
-    """Whether a path manages models, judged after the decoding Ollama's router does."""
-    clean = "/" + posixpath.normpath(unquote(path)).lstrip("/")
-    return clean in ADMIN_PATHS or clean.startswith("/api/blobs")
+    def read_body(self, buf):
+        """Take the body's bytes from the front of buf; True once the body is whole."""
+        self.parts.append(self.body.read(buf))
+        return self.body.done
 
 class LengthReader:
-    """Reads a body of known length (None: until the connection closes); `rest` comes after it."""
+    """Reads a body of known length (None: until the connection closes) from a buffer."""
+
     def __init__(self, length):
-        self.left, self.done, self.rest = length, length == 0, b""
+        self.left = float("inf") if length is None else length
+        self.done = length == 0
 
-    def feed(self, data):
-        if self.left is None:
-            return data
-        piece = data[:self.left]
-        self.left -= len(piece)
-        if not self.left:
-            self.done, self.rest = True, data[len(piece):]
-        return piece
-
-class ChunkedReader:
-    """Decodes a chunked body as bytes arrive; bad framing raises ProtocolError."""
-    def __init__(self, limit=None):
-        self.pending = self.rest = b""   # pending: an unfinished size line, chunk end or trailer
-        self.left = self.size = 0        # left: payload bytes still due in this chunk
-        self.limit = limit
-        self.chunk_end_due = self.trailer = self.done = False
-
-    def feed(self, data):
-        out = []
-        try:
-            self.decode(self.pending + data if self.pending else data, out)
-        except ProtocolError as e:
-            e.decoded = b"".join(out)  # what came before the bad framing still goes out
-            raise
-        return b"".join(out)
-
-    def decode(self, data, out):
-        pos, end, self.pending = 0, len(data), b""
-        while pos < end and not self.done:
-            if self.left:
-                out.append(data[pos:pos + self.left])
-                taken = min(self.left, end - pos)
-                pos, self.left = pos + taken, self.left - taken
-                continue
-            eol = data.find(b"\r\n", pos)
-            if eol < 0:
-                if end - pos > 1024:
-                    raise ProtocolError(400, "chunk size line too long")
-                self.pending = data[pos:]
-                return
-            line, pos = data[pos:eol], eol + 2
-            if self.chunk_end_due:  # the CRLF after a chunk's data reads as an empty line
-                if line:
-                    raise ProtocolError(400, "chunk longer than its size")
-                self.chunk_end_due = False
-            elif self.trailer:
-                self.done, self.rest = not line, data[pos:]
-            else:
-                size = line.split(b";", 1)[0].rstrip(b" \t")
-                if not size or len(size) > 15 or size.strip(b"0123456789abcdefABCDEF"):
-                    raise ProtocolError(400, "bad chunk size")
-                self.left = int(size, 16)
-                self.chunk_end_due, self.trailer = self.left > 0, self.left == 0
-                self.size += self.left
-                if self.limit is not None and self.size > self.limit:
-                    raise ProtocolError(413, "request body larger than %d bytes" % self.limit)
-
-def chunk(data):
-    """One chunk of a chunked body; never the empty chunk, which would end the body."""
-    return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
-
-class Framer:
-    """Frames a body for the client: as it is, chunked per read, or one chunk per record.
-
-    Records are NDJSON lines or SSE events; each leaves as exactly one chunk the moment its
-    separator arrives. On failure a record stream ends with an error record and a proper last
-    chunk; any other body is cut short (None), so the client sees the truncation.
-    """
-
-    def __init__(self, chunked, sep=b"", error_template=None):
-        self.chunked, self.sep, self.error_template = chunked, sep, error_template
-        self.partial = self.last = b""  # a record still missing its end; the last whole record
-        self.broken = False             # part of an over-long record went out without its end
-
-    def frame(self, data):
-        if not self.sep:
-            return chunk(data) if self.chunked else data
-        if self.partial:
-            data = self.partial + data
-        cut = data.rfind(self.sep)
-        if cut >= 0:
-            cut += len(self.sep)
-            records, self.partial = data[:cut].split(self.sep), data[cut:]
-            records.pop()  # the empty string after the last separator
-            self.last, self.broken, n = records[-1], False, len(self.sep)
-            pieces = [self.sep + b"\r\n"] * (3 * len(records))  # size, record, separator + CRLF
-            pieces[0::3] = [b"%x\r\n" % (len(r) + n) for r in records]
-            pieces[1::3] = records
-            data = b"".join(pieces)
-        else:
-            self.partial, data = data, b""
-        if len(self.partial) > MAX_LINE:  # send an over-long record on, so memory stays bounded
-            data, self.partial, self.broken = data + chunk(self.partial), b"", True
+    def read(self, buf):
+        """Take this body's bytes from the front of buf."""
+        n = min(self.left, len(buf))
+        data = bytes(buf[:n])
+        del buf[:n]
+        self.left -= n
+        self.done = not self.left
         return data
 
-    def finish(self):
-        return chunk(self.partial) + b"0\r\n\r\n" if self.chunked else b""
+class ChunkedReader:
+    """Decodes a chunked body from a buffer, taking only the bytes it has used."""
 
-    def fail(self, message):
-        if not self.error_template:
+    def __init__(self, limit=None):
+        self.limit, self.size, self.left = limit, 0, 0  # body bytes so far; due in this chunk
+        self.due, self.done = "size", False  # the line due next: "size", "end" or "trailer"
+
+    def read(self, buf):
+        """Decode what buf holds; bad framing raises ProtocolError carrying what came before."""
+        out, pos = [], 0
+        try:
+            while not self.done:
+                if self.left:
+                    out.append(buf[pos:pos + self.left])
+                    pos, self.left = pos + len(out[-1]), self.left - len(out[-1])
+                    if self.left:
+                        break
+                    continue
+                if buf.startswith(b"00", pos):  # leading zeros may be any number: keep one
+                    pos = LEADING_ZEROS.match(buf, pos).end()
+                eol = buf.find(b"\n", pos, pos + MAX_CHUNK_LINE + 1)
+                if eol < 0 and len(buf) - pos > MAX_CHUNK_LINE:
+                    raise ProtocolError(400, "chunk line over %d bytes" % MAX_CHUNK_LINE)
+                if eol < 0:
+                    break
+                line, pos = bytes(buf[pos:eol]), eol + 1
+                self.take_line(line[:-1] if line.endswith(b"\r") else line)
+        except ProtocolError as e:
+            e.decoded = b"".join(out)
+            raise
+        finally:
+            del buf[:pos]
+        return b"".join(out)
+
+    def take_line(self, line):
+        """A chunk-size line, the empty line after a chunk's data, or a trailer line."""
+        if self.due == "end":
+            if line:
+                raise ProtocolError(400, "chunk longer than its size")
+            self.due = "size"
+        elif self.due == "trailer":
+            self.done = not line  # trailer fields are not forwarded
+        else:
+            size = CHUNK_SIZE.match(line)
+            if not size:
+                raise ProtocolError(400, "bad chunk size")
+            self.left = int(size.group(1), 16)
+            self.due, self.size = "end" if self.left else "trailer", self.size + self.left
+            if self.limit is not None and self.size > self.limit:
+                raise ProtocolError(413, "request body larger than %d bytes" % self.limit)
+
+def chunks(records):
+    """Each record as one chunk of a chunked body (records must not be empty)."""
+    pieces = [b"\r\n"] * (3 * len(records))
+    pieces[0::3] = [b"%x\r\n" % len(r) for r in records]
+    pieces[1::3] = records
+    return b"".join(pieces)
+
+class Framer:
+    """Frames a body for the client: as it is, chunked as it comes, or one chunk per record:
+    an NDJSON line, or an SSE event (it ends at an empty line, whatever mix of CRLF, LF and CR
+    ends its lines), byte for byte, the moment its end arrives."""
+
+    def __init__(self, chunked, kind=None):
+        self.chunked, self.kind = chunked, kind  # kind: a media type in RECORDS, or None
+        self.partial = self.last = b""  # a record still missing its end; the last whole record
+        self.broken = False  # part of an over-long record went out without its end
+
+    def frame(self, data, final=False):
+        """What the client gets for body bytes that arrived; final: the body has ended."""
+        if self.kind is None:
+            return chunks([data]) if data and self.chunked else data
+        data = self.partial + data
+        if self.kind == NDJSON:  # lines end at LF; like httpx's iter_lines, a lone CR ends one
+            cut = data.rfind(b"\n") + 1
+            records = data[:cut].splitlines(True)
+        else:  # a CR that ends a read may be half of a CRLF: it counts once the next byte is in
+            ends = [m.end() for m in EVENT_END.finditer(data, 0, len(data) - (
+                not final and data.endswith(b"\r")))]
+            cut = ends[-1] if ends else 0
+            records = [data[a:b] for a, b in zip([0] + ends, ends)]
+        self.partial = data[cut:]
+        if records:
+            self.last, self.broken = records[-1], False
+        if len(self.partial) > MAX_RECORD:  # send an over-long record on: memory stays bounded
+            records.append(self.partial)
+            self.partial, self.broken = b"", True
+        return chunks(records)
+
+    def end(self, error=None):
+        """The last bytes: what is left, or after a failure an error record, and the last chunk;
+        None cuts short a failed body that has no records (the client sees the truncation)."""
+        if error and not self.kind:
             return None
-        record = self.error_template % json.dumps(message).encode()
-        return chunk((self.sep if self.broken else b"") + record) + b"0\r\n\r\n"
-
-FRAMERS = {"application/x-ndjson": (b"\n", b'{"error": %s}\n'),
-           "text/event-stream": (b"\n\n", b'data: {"error": {"message": %s, "type": "api_error"}}\n\n')}
+        if not self.chunked:
+            return b""
+        tail = self.frame(b"", final=True)
+        if error:  # what is left of an unfinished record is dropped
+            separator, template = RECORDS[self.kind]
+            self.partial = template % json.dumps(error).encode()
+            self.partial = separator + self.partial if self.broken else self.partial
+        return tail + (chunks([self.partial]) if self.partial else b"") + b"0\r\n\r\n"
 
 def plan_response(resp, req):
     """The client's head and framing for an upstream response: (head, framer, keep_alive)."""
@@ -293,31 +321,28 @@ def plan_response(resp, req):
         else:
             headers.append(("Transfer-Encoding", "chunked"))
             kind = resp.getheader("content-type", "").split(";")[0].strip().lower()
-            framer = Framer(True, *FRAMERS.get(kind, ()))
+            framer = Framer(True, kind if kind in RECORDS else None)
     if not keep_alive:
         headers.append(("Connection", "close"))
     return response_head(resp.status, resp.reason, headers), framer, keep_alive
 
-class RequestWriter(http.client.HTTPConnection):
-    """http.client writes the upstream request; we keep the bytes instead of sending them."""
-    def send(self, data):
-        self.wire.append(bytes(data))
-
-def upstream_request(req, body, host, strip_authorization):
+def upstream_request(req, host, strip_authorization):
     """The request for the upstream: end-to-end headers only, its own Host, a Content-Length."""
-    writer = RequestWriter(host)
-    writer.wire = []
+    writer, wire = http.client.HTTPConnection(host), []
+    writer.send = wire.append  # http.client writes the request; we keep the bytes
     writer.putrequest(req.method, req.target, skip_host=True, skip_accept_encoding=True)
     writer.putheader("Host", host)
-    for name, value in req.headers:
-        lower = name.lower()
-        if not (lower in NOT_FORWARDED or lower in req.connection or lower.startswith("proxy-")
-                or (strip_authorization and lower == "authorization")):
-            writer.putheader(name, value)
-    if req.has_body:
+    for name, values in req.fields.items():
+        if not (name in NOT_FORWARDED or name in req.connection or name.startswith("proxy-")
+                or "_" in name  # as nginx does: a CGI-style upstream would read _ as -
+                or (strip_authorization and name == "authorization")):
+            for value in values:
+                writer.putheader(name, value)
+    body = b"".join(req.parts)
+    if "content-length" in req.fields or "transfer-encoding" in req.fields:
         writer.putheader("Content-Length", str(len(body)))
-    writer.endheaders(body if req.has_body else None)
-    return b"".join(writer.wire)
+    writer.endheaders(body or None)
+    return b"".join(wire)
 
 def parse_response_head(head, method):
     """Parse an upstream response head with http.client, from memory."""
@@ -330,11 +355,12 @@ def parse_response_head(head, method):
     return resp
 
 class Metrics:
-    """Exact counters for /qlite/metrics."""
+    """Exact counters for /qlite/metrics, and its Prometheus text."""
+
     def __init__(self):
-        self.codes, self.rejected, self.upstream_errors, self.response_bytes = {}, 0, 0, 0
-        self.ttfb_counts, self.ttfb_sum = [0] * (len(TTFB_BUCKETS) + 1), 0.0
-        self.tokens, self.eval_seconds = 0, 0.0
+        self.codes, self.ttfb_counts, self.ttfb_sum = {}, [0] * (len(TTFB_BUCKETS) + 1), 0.0
+        self.counters = {"rejected": 0, "upstream_errors": 0, "streams_left_early": 0,
+                         "response_bytes": 0, "generated_tokens": 0, "generation_seconds": 0.0}
 
     def observe_ttfb(self, seconds):
         self.ttfb_sum += seconds
@@ -345,116 +371,187 @@ class Metrics:
         try:
             final = json.loads(line)
             if final.get("done") is True:
-                self.tokens += int(final.get("eval_count", 0))
-                self.eval_seconds += int(final.get("eval_duration", 0)) / 1e9
+                self.counters["generated_tokens"] += int(final.get("eval_count", 0))
+                self.counters["generation_seconds"] += int(final.get("eval_duration", 0)) / 1e9
         except (ValueError, TypeError, AttributeError):
             pass
 
-    def render(self, active, max_active):
-        lines = []
-        def metric(name, kind, samples):
-            lines.append("# TYPE qlite_%s %s" % (name, kind))
-            lines.extend("qlite_%s%s %s" % (name, labels, value) for labels, value in samples)
-        metric("active_requests", "gauge", [("", active)])
-        metric("max_active_requests", "gauge", [("", max_active)])
-        metric("requests_total", "counter", [('{code="%d"}' % c, n) for c, n in sorted(self.codes.items())])
-        metric("rejected_total", "counter", [("", self.rejected)])
-        metric("upstream_errors_total", "counter", [("", self.upstream_errors)])
-        metric("response_bytes_total", "counter", [("", self.response_bytes)])
-        cumulative = [sum(self.ttfb_counts[:i + 1]) for i in range(len(self.ttfb_counts))]
-        metric("time_to_first_byte_seconds", "histogram",
-               [('_bucket{le="%s"}' % b, n) for b, n in zip(TTFB_BUCKETS + ("+Inf",), cumulative)]
-               + [("_sum", repr(self.ttfb_sum)), ("_count", cumulative[-1])])
-        metric("generated_tokens_total", "counter", [("", self.tokens)])
-        metric("generation_seconds_total", "counter", [("", repr(self.eval_seconds))])
+    def render(self, gw):
+        """The Prometheus text format."""
+        gauges = {"active_requests": gw.slots["active"], "light_requests": gw.slots["light"],
+                  "max_active_requests": gw.args.max_active, "upstream_up": int(not gw.down)}
+        lines = ["# TYPE qlite_%s gauge\nqlite_%s %d" % (n, n, v) for n, v in gauges.items()]
+        lines.append("# TYPE qlite_requests_total counter")
+        lines += ['qlite_requests_total{code="%d"} %d' % c for c in sorted(self.codes.items())]
+        lines += ["# TYPE qlite_%s_total counter\nqlite_%s_total %r" % (n, n, v)
+                  for n, v in self.counters.items()]
+        lines.append("# TYPE qlite_time_to_first_byte_seconds histogram")
+        for i, bound in enumerate(TTFB_BUCKETS + ("+Inf",)):
+            lines.append('qlite_time_to_first_byte_seconds_bucket{le="%s"} %d'
+                         % (bound, sum(self.ttfb_counts[:i + 1])))
+        lines += ["qlite_time_to_first_byte_seconds_sum %r" % self.ttfb_sum,
+                  "qlite_time_to_first_byte_seconds_count %d" % sum(self.ttfb_counts)]
         return ("\n".join(lines) + "\n").encode()
 
 
-# ================================================================================ The client connection
+# ================================================================================ Connections
 
-class Client:
-    """One client connection: reads requests in order, answers or forwards each, writes back."""
+class Connection:
+    """A non-blocking socket owned by the loop: derived interest, buffered send, one deadline.
+    A subclass sets what its wants() reads before it calls __init__, which registers it."""
 
-    def __init__(self, gw, sock, addr):
-        self.gw, self.sock, self.addr = gw, sock, "%s:%s" % addr[:2]
-        self.inbuf, self.outbuf = bytearray(), bytearray()
-        self.request = self.upstream = self.body_parts = None  # the request being read or
-        # served, its Upstream once forwarded, and the pieces of its body as they arrive
-        self.status = self.first_byte = None  # of the response under way, once its head is out
-        self.sent = self.events = 0
-        self.closing = self.lingering = self.closed = False  # closing: hang up once flushed
-        self.deadline = time.monotonic() + gw.args.client_timeout  # to receive a whole request
-        self.stall_deadline = float("inf")  # for the client to take pending output
-        gw.clients.add(self)
-        self.set_interest()
+    def __init__(self, gw, sock):
+        self.gw, self.sock, self.events, self.outbuf = gw, sock, 0, bytearray()
+        self.deadline, self.sent = NEVER, 0
+        sock.setblocking(False)
+        gw.conns.add(self)
+        self.update()
+
+    @property
+    def closed(self):
+        return self.sock.fileno() < 0
+
+    def update(self):
+        """Register the events wants() derives from the state: the one caller of the selector."""
+        want = 0 if self.closed else self.wants()
+        if want == self.events:
+            return
+        if not self.events:
+            self.gw.sel.register(self.sock, want, self)
+        elif want:
+            self.gw.sel.modify(self.sock, want, self)
+        else:
+            self.gw.sel.unregister(self.sock)
+        self.events = want
 
     def on_event(self, mask):
-        if mask & READ:
+        """Send what waits; hand what arrived (b"" when the peer is gone) to received()."""
+        if mask & WRITE:
+            self.send()
+        if mask & READ and not self.closed:
             try:
                 data = self.sock.recv(READ_SIZE)
             except (BlockingIOError, InterruptedError):
-                data = None
-            except OSError:
-                data = b""
-            if data == b"":
-                return self.close()  # client gone: close() also cancels its upstream
-            if data and not self.lingering:
-                self.inbuf += data
-                self.advance()
-        if mask & WRITE:
-            self.flush()
+                return
+            except OSError as e:
+                return self.lost(e)
+            self.received(data)
+
+    def send(self, data=b""):
+        """Queue data and send what the socket takes now; the deadline moves only on progress."""
+        waiting = bool(self.outbuf)
+        self.outbuf += data
+        self.sent += len(data)
+        try:
+            sent = self.sock.send(self.outbuf) if self.outbuf else 0
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as e:
+            return self.lost(e)
+        del self.outbuf[:sent]
+        if not self.outbuf:
+            self.drained()
+        elif sent or not waiting:
+            self.deadline = time.monotonic() + self.patience
+
+    def close(self):
+        """Unregister, then close; closing twice is harmless."""
+        if not self.closed:
+            if self.events:
+                self.gw.sel.unregister(self.sock)
+            self.events = 0
+            self.sock.close()
+            self.gw.conns.discard(self)
+
+class Client(Connection):
+    """One client connection: reads requests in order, answers or forwards each, writes back."""
+
+    def __init__(self, gw, sock, addr):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.addr, self.inbuf = "%s:%s" % addr[:2], bytearray()
+        self.patience = gw.args.client_timeout  # to send a request, or to take its output
+        self.request = self.upstream = None  # the request being read or served; its Upstream
+        self.status = self.first_byte = None  # of the response under way, once its head is out
+        self.closing = False  # hang up once the output is out
+        super().__init__(gw, sock)
+        self.deadline = time.monotonic() + self.patience  # for a whole request
+
+    def wants(self):
+        """Read unless output or pipelined input piles up; write while output waits."""
+        full = len(self.outbuf) > HIGH_WATER or len(self.inbuf) > MAX_HEAD
+        return (0 if full else READ) | (WRITE if self.outbuf else 0)
+
+    def on_event(self, mask):
+        super().on_event(mask)
+        self.advance()  # new requests, or output that drained below the high-water mark
+
+    def received(self, data):
+        if not data:
+            return self.close()  # the client left: close() also cancels its upstream
+        if not self.closing:  # after an error, what still comes is read and dropped
+            self.inbuf += data
+
+    def lost(self, error):
+        self.close()
 
     def on_timeout(self, now):
-        if self.lingering or now > self.stall_deadline or (self.request is None and not self.inbuf):
-            self.close()  # done lingering, not reading its output, or idle between requests
-        else:
-            self.fail(ProtocolError(408, "request not received in %gs" % self.gw.args.client_timeout))
-            self.set_interest()
+        if self.closing or self.outbuf or (self.request is None and not self.inbuf):
+            return self.close()  # done lingering, not taking its output, or idle
+        self.respond(408, "request not received in %gs" % self.patience, close=True)
+
+    def drained(self):
+        """All output is out: linger when closing, else wait for the upstream or a request."""
+        if self.closing:  # shut our side and read until the client hangs up: a reset now
+            try:  # could destroy the answer before the client has read it
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                return self.close()
+            self.deadline = time.monotonic() + LINGER
+        else:  # while an upstream works, its own deadline governs
+            self.deadline = NEVER if self.upstream else time.monotonic() + self.patience
 
     def advance(self):
-        """Start the requests waiting in inbuf, in order, until one is in flight or bytes run out."""
+        """Start the requests waiting in inbuf, in order, while nothing else is under way."""
         try:
-            while not self.closing and self.upstream is None:
+            while not (self.closing or self.upstream or len(self.outbuf) > HIGH_WATER):
                 if self.request is None:
-                    end = self.inbuf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
-                    if end < 0:
-                        if len(self.inbuf) > MAX_HEAD:
-                            raise ProtocolError(431, "request head over %d bytes" % MAX_HEAD)
-                        break
-                    self.start_request(bytes(self.inbuf[:end]), len(self.inbuf) > end + 4)
-                    del self.inbuf[:end + 4]
-                body = self.request.body
-                if not body.done and self.inbuf:
-                    data, self.inbuf = bytes(self.inbuf), bytearray()
-                    self.body_parts.append(body.feed(data))
-                    self.inbuf += body.rest  # the start of a pipelined request, if any
-                if not body.done:
-                    break
+                    head = read_head(self.inbuf)
+                    if head is None:
+                        return
+                    self.request = req = Request(head, self.gw.args.max_body)
+                    self.gw.check_access(req)  # refused before its body is read
+                    if req.header("expect").lower() == "100-continue" and not self.inbuf \
+                            and not req.body.done:
+                        self.send(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits 1 s otherwise
+                if not self.request.read_body(self.inbuf):
+                    return
                 self.dispatch()
-        except ProtocolError as e:
-            self.fail(e)
-        self.set_interest()
-
-    def start_request(self, head, body_started):
-        self.request = req = parse_request(head, self.gw.args.max_body)
-        self.body_parts = []
-        self.gw.check_access(req)
-        if req.header("expect").lower() == "100-continue" and not req.body.done and not body_started:
-            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second otherwise
+        except ProtocolError as e:  # hang up after it: where the next request starts is unknown
+            self.respond(e.status, str(e), extra=e.headers, close=True)
 
     def dispatch(self):
         """The whole request is here: answer it ourselves or send it upstream."""
         gw, req = self.gw, self.request
-        self.deadline = float("inf")
         if req.path.startswith("/qlite/"):  # our own endpoints are never forwarded
             return self.respond(*gw.own_endpoint(req))
-        if gw.active >= gw.args.max_active:
-            gw.metrics.rejected += 1
+        kind = "light" if "%s %s" % (req.method, req.path) in LIGHT or (
+            req.method == "GET" and req.path.startswith("/v1/models/")) else "active"
+        if gw.slots[kind] >= gw.args.max_active:
+            gw.metrics.counters["rejected"] += 1
             return self.respond(503, "all %d slots are busy, retry shortly" % gw.args.max_active,
                                 extra=[("Retry-After", "1")])
-        body, self.body_parts = b"".join(self.body_parts), None
-        wire = upstream_request(req, body, gw.upstream_host, gw.args.api_key is not None)
-        self.upstream = Upstream(gw, self, wire)
+        try:
+            self.upstream = Upstream(gw, self, kind, upstream_request(
+                req, gw.upstream_host, gw.args.api_key is not None))
+        except OSError as e:  # no descriptor left for it: refuse this request, serve on
+            return self.respond(503, "no connection to the upstream now: %s" % e.strerror,
+                                extra=[("Retry-After", "1")])
+        if not self.outbuf:
+            self.drained()
+
+    def begin(self, status):
+        """A response head leaves now."""
+        self.status, self.first_byte, self.sent = status, time.monotonic(), 0
 
     def respond(self, status, body, content_type="application/json", extra=(), close=False):
         """Answer the current request ourselves; body is bytes, or an error message."""
@@ -465,275 +562,194 @@ class Client:
         headers = [("Content-Type", content_type), ("Content-Length", len(body)),
                    ("Date", time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime()))]
         headers += list(extra) + ([("Connection", "close")] if close else [])
-        head = response_head(status, http.client.responses.get(status, ""), headers)
-        self.start_response(status, head + (b"" if req and req.method == "HEAD" else body))
-        self.end_response(close)
+        self.begin(status)
+        self.end_response(response_head(status, http.client.responses.get(status, ""), headers)
+                          + (b"" if req and req.method == "HEAD" else body), close)
 
-    def fail(self, error):
-        """Answer bad input and hang up: where the next request would start is unknowable."""
-        self.respond(error.status, str(error), extra=error.headers, close=True)
-
-    def start_response(self, status, data, flush=True):
-        self.status, self.first_byte, self.sent = status, time.monotonic(), 0
-        self.write(data, flush)
-
-    def end_response(self, close):
-        """The response is queued whole: log it, then hang up or wait for the next request."""
-        self.gw.log_request(self, self.status)
-        self.request = self.status = self.first_byte = None
-        self.closing = self.closing or close or self.gw.draining
-        self.deadline = time.monotonic() + self.gw.args.client_timeout
-
-    def upstream_done(self, tail, keep_alive):
-        """The upstream has ended: tail ends the body, or None cuts it short."""
+    def end_response(self, data, close):
+        """Queue the last bytes of the response and log it; then hang up or read on."""
+        self.closing = self.closing or close or bool(self.gw.draining)
         self.upstream = None
-        self.write(tail or b"")
-        self.end_response(tail is None or not keep_alive)
-        if not self.closed:
-            self.advance()
-
-    def write(self, data, flush=True):
-        """Queue bytes for the client and send what the socket takes now."""
-        self.sent += len(data)
-        self.gw.metrics.response_bytes += len(data)
-        if flush and not self.outbuf and data and not self.closed:
-            try:  # the common case: nothing queued, so send straight from data without a copy
-                data = data[self.sock.send(data):]
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError:
-                return self.close()
-        self.outbuf += data
-        if flush:
-            self.flush()
-        if len(self.outbuf) > HIGH_WATER and self.upstream:
-            self.upstream.pause(True)
-
-    def flush(self):
-        if self.outbuf and not self.closed:
-            try:
-                del self.outbuf[:self.sock.send(self.outbuf)]
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError:
-                return self.close()
-            self.stall_deadline = time.monotonic() + self.gw.args.client_timeout
-            if not self.outbuf:
-                self.stall_deadline = float("inf")
-                if self.upstream:
-                    self.upstream.pause(False)
-        self.set_interest()
-
-    def set_interest(self):
-        """Read unless pipelined input piles up; write while output waits; linger when done."""
-        if self.closed:
-            return
-        if self.closing and not self.outbuf and not self.lingering:
-            try:  # shut our side, read until the client hangs up: a reset cannot eat our answer
-                self.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                return self.close()
-            self.lingering, self.deadline, self.inbuf = True, time.monotonic() + LINGER, bytearray()
-        busy = self.upstream is not None or self.closing
-        want = (0 if busy and len(self.inbuf) > MAX_HEAD else READ) | (WRITE if self.outbuf else 0)
-        if want != self.events:
-            if not want:
-                self.gw.sel.unregister(self.sock)
-            elif self.events:
-                self.gw.sel.modify(self.sock, want, self)
-            else:
-                self.gw.sel.register(self.sock, want, self)
-            self.events = want
+        self.send(data)
+        if not self.closed:  # (else close() has logged it)
+            self.gw.log_request(self, self.status)
+            self.request = self.status = self.first_byte = None
 
     def close(self):
+        """Hang up; a request under way is logged and its upstream closed (Ollama stops)."""
         if self.closed:
             return
-        self.closed = self.closing = True
-        if self.upstream or (self.request and self.status is None):
-            self.gw.log_request(self, 499)  # the client left before its answer was complete
+        self.closing = True
+        if self.request and self.status is not None:  # it left a stream: log what was sent
+            self.gw.metrics.counters["streams_left_early"] += 1
+        if self.request:  # 499 only when it left before the response head, as nginx does
+            self.gw.log_request(self, 499 if self.status is None else self.status)
         if self.upstream:
-            self.upstream.close()  # Ollama cancels the generation when we hang up
-        if self.events:
-            self.gw.sel.unregister(self.sock)
-        self.sock.close()
-        self.gw.clients.discard(self)
+            self.upstream.close()
+        super().close()
 
-# ================================================================================ The upstream connection
-
-class Upstream:
+class Upstream(Connection):
     """One request forwarded to Ollama: connect, send, read the head, stream the body back."""
 
-    def __init__(self, gw, client, wire):
-        self.gw, self.client, self.wire = gw, client, wire
+    def __init__(self, gw, client, kind, wire):
+        self.client, self.kind, self.inbuf = client, kind, bytearray()
         self.response = self.reader = self.framer = None
-        self.paused = self.closed = False
-        gw.active += 1
-        gw.upstreams.add(self)
-        self.connect(gw.idle.pop() if gw.idle else None)
+        self.keep_client = False  # whether the client connection outlives this response
+        self.patience = min(CONNECT_TIMEOUT, gw.args.upstream_timeout)  # to take the request
+        super().__init__(gw, socket.socket(gw.upstream_family, socket.SOCK_STREAM))
+        gw.slots[kind] += 1
+        self.outbuf += wire  # sent once writable: a refusal then fails it outside advance()
+        self.sock.connect_ex(gw.upstream_addr)
+        self.deadline = time.monotonic() + self.patience
 
-    def connect(self, sock):
-        """Send on an idle kept-alive connection, or open a new one without blocking."""
-        self.reused, self.out, self.head = sock is not None, memoryview(self.wire), bytearray()
-        if sock is None:
-            sock = socket.socket(self.gw.upstream_family, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            sock.connect_ex(self.gw.upstream_addr)  # in progress; a refusal shows when we send
-        self.sock = sock
-        self.deadline = time.monotonic() + min(CONNECT_TIMEOUT, self.gw.args.upstream_timeout)
-        if self.reused:
-            self.on_event(WRITE)  # a kept-alive connection is writable now: no need to wait a turn
-        else:
-            self.gw.sel.register(sock, WRITE, self)
+    def wants(self):
+        """Write the request; then read, unless the client has too much unsent output."""
+        if self.outbuf:
+            return WRITE
+        return 0 if len(self.client.outbuf) > HIGH_WATER else READ
 
-    def on_event(self, mask):
-        try:
-            if self.out:
-                self.send()
-            else:
-                self.receive()
-        except ProtocolError as e:
-            if getattr(e, "decoded", b"") and not self.closed:
-                self.client.write(self.framer.frame(e.decoded))
-            self.fail(e.status, str(e))
-        except OSError as e:
-            self.fail(502, "upstream connection failed: %s" % (e.strerror or e))
-
-    def send(self):
-        try:
-            self.out = self.out[self.sock.send(self.out):]
-        except (BlockingIOError, InterruptedError):
-            pass
-        if not self.out:
-            self.deadline = time.monotonic() + self.gw.args.upstream_timeout
-        self.gw.sel.modify(self.sock, WRITE if self.out else READ, self)
-
-    def receive(self):
-        try:
-            data = self.sock.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        if not data:
-            if self.reader and self.reader.left is None:  # the body ends with the connection
-                return self.finish()
-            raise ProtocolError(502, "upstream closed the connection early")
+    def drained(self):
+        """The whole request is out: Ollama is up; from now on it may think in silence."""
         self.deadline = time.monotonic() + self.gw.args.upstream_timeout
-        if self.response is None:
-            self.head += data
-            end = self.head.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self.head) > MAX_HEAD:
-                    raise ProtocolError(502, "upstream response head too large")
-                return
-            self.start(bytes(self.head[:end + 4]))
-            data = bytes(self.head[end + 4:])
-        self.client.write(self.framer.frame(self.reader.feed(data)))
+        self.gw.observe(None)
+
+    def lost(self, error):
+        self.end("upstream connection failed: %s" % (error.strerror or error))
+
+    def received(self, data):
+        """The head, then body bytes, re-framed for the client; bad framing fails the stream."""
+        out = b""  # the client's head and the first body bytes leave in one send
+        try:
+            if not data:
+                if self.reader and self.reader.left == float("inf"):  # it ends with the connection
+                    return self.end()
+                raise ProtocolError(502, "upstream closed the connection early")
+            self.deadline = time.monotonic() + self.gw.args.upstream_timeout
+            self.inbuf += data
+            if self.response is None:
+                head = read_response_head(self.inbuf)
+                if head is None:
+                    return
+                out = self.start(head)
+            out += self.framer.frame(self.reader.read(self.inbuf))
+        except ProtocolError as e:
+            self.client.send(out + (self.framer.frame(e.decoded) if e.decoded else b""))
+            return self.end(str(e), e.status)
+        self.client.send(out)
         if self.reader.done and not self.closed:
-            self.finish()
+            self.end()
 
     def start(self, head):
-        """The response head is here: choose how to read the body and how to frame it."""
-        resp = self.response = parse_response_head(head, self.client.request.method)
+        """The response head is here: choose how to read and frame the body; the client's head."""
+        req = self.client.request
+        resp = self.response = parse_response_head(head, req.method)
         self.reader = ChunkedReader() if resp.chunked else LengthReader(resp.length)
-        head, self.framer, self.keep_client = plan_response(resp, self.client.request)
-        self.gw.metrics.observe_ttfb(time.monotonic() - self.client.request.started)
-        self.client.start_response(resp.status, head, flush=False)  # leaves with the body's start
+        head, self.framer, self.keep_client = plan_response(resp, req)
+        self.gw.metrics.observe_ttfb(time.monotonic() - req.started)
+        self.client.begin(resp.status)
+        return head
 
-    def finish(self):
-        """A clean end: keep the connection for the next request if its framing allows."""
-        reusable = not (self.response.will_close or self.reader.rest)
-        if self.framer.sep == b"\n":
-            self.gw.metrics.observe_done_line(self.framer.last)
-        self.close(reusable)
-        self.client.upstream_done(self.framer.finish(), self.keep_client)
-
-    def fail(self, status, message):
-        """Tell the client: an error response before the head, a last record or a cut after it."""
+    def end(self, error=None, status=502):
+        """End the exchange; after a failure the client gets an error response before the head,
+        an error record or a cut after it."""
         if self.closed:
             return
-        if self.reused and status == 502 and not self.head:
-            self.gw.sel.unregister(self.sock)  # the idle connection had gone stale: once more anew
-            self.sock.close()
-            return self.connect(None)
-        self.gw.metrics.upstream_errors += 1
+        if error:
+            self.gw.metrics.counters["upstream_errors"] += 1
+        if error and self.outbuf:  # the request never got through: Ollama is not reachable
+            self.gw.observe(error)
+        elif self.framer and self.framer.kind == NDJSON:
+            self.gw.metrics.observe_done_line(self.framer.last)
         self.close()
-        if self.response is not None:
-            return self.client.upstream_done(self.framer.fail(message), self.keep_client)
-        self.client.upstream = None
-        self.client.respond(status, message)
+        if self.response is None:
+            self.client.respond(status, error)
+        else:  # the end of the body, or None to cut it short
+            tail = self.framer.end(error)
+            self.client.end_response(tail or b"", tail is None or not self.keep_client)
         self.client.advance()
 
     def on_timeout(self, now):
-        self.fail(504, "could not connect to the upstream in time" if self.out else
-                  "upstream silent for %gs" % self.gw.args.upstream_timeout)
+        if self.wants():
+            return self.end("upstream did not answer in time", 504)
+        self.deadline = now + self.gw.args.upstream_timeout  # paused: the client's deadline rules
 
-    def pause(self, paused):
-        """Stop reading while the client has too much unsent output; go on once it drained."""
-        if paused != self.paused and not self.closed and not self.out:
-            self.paused, self.deadline = paused, time.monotonic() + self.gw.args.upstream_timeout
-            if paused:
-                self.gw.sel.unregister(self.sock)
-            else:
-                self.gw.sel.register(self.sock, READ, self)
+    def close(self):
+        """Free the slot exactly once, whatever ended the request, and hang up."""
+        if not self.closed:
+            self.gw.slots[self.kind] -= 1
+            super().close()
 
-    def close(self, reusable=False):
-        """Free the slot exactly once, whatever ended the request; hang up or keep the socket."""
-        if self.closed:
-            return
-        self.closed = True
-        self.gw.active -= 1
-        self.gw.upstreams.discard(self)
-        if reusable and len(self.gw.idle) < self.gw.args.max_active:  # idle, but registered:
-            keep = self.gw.sel.register if self.paused else self.gw.sel.modify  # see Gateway.run
-            keep(self.sock, READ, None)
-            self.gw.idle.append(self.sock)
-        else:
-            if not self.paused:  # (a paused socket is unregistered while its client drains)
-                self.gw.sel.unregister(self.sock)
-            self.sock.close()
+class Probe(Connection):
+    """A bare connect to Ollama, made when no request has shown lately whether it is up."""
+
+    def __init__(self, gw):
+        super().__init__(gw, socket.socket(gw.upstream_family, socket.SOCK_STREAM))
+        self.sock.connect_ex(gw.upstream_addr)
+        self.deadline = time.monotonic() + PROBE_EVERY
+
+    def wants(self):
+        return WRITE
+
+    def drained(self):
+        """Writable: the connect has ended, one way or the other."""
+        error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self.gw.observe("upstream connection failed: %s" % os.strerror(error) if error else None)
+        self.close()
+
+    def on_timeout(self, now):
+        self.gw.observe("upstream did not accept a connection in %gs" % PROBE_EVERY)
+        self.close()
+
 
 # ================================================================================ The loop
 
-class Gateway:
-    """The listener, the selector, the slots, the counters and the loop that drives them all."""
+class Gateway(Connection):
+    """The listening socket, the selector, the slots, the counters and the loop."""
 
     def __init__(self, args):
         self.args, self.metrics, self.sel = args, Metrics(), selectors.DefaultSelector()
-        self.clients, self.upstreams, self.idle = set(), set(), []  # idle: kept-alive upstreams
-        self.active, self.stop_requested, self.draining, self.accept_paused_until = 0, 0, 0, None
+        self.conns, self.slots, self.stop_requested = set(), {"active": 0, "light": 0}, False
+        self.draining, self.down, self.checked = 0.0, None, -NEVER  # drain end; Ollama's state
         host, port = args.upstream_host, args.upstream_port
         info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]  # once, at start-up
         self.upstream_family, self.upstream_addr = info[0], info[4]
         self.upstream_host = "%s:%d" % ("[%s]" % host if ":" in host else host, port)
         family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-        self.listener = socket.create_server((args.host, args.port), family=family, backlog=1024)
-        self.listener.setblocking(False)
-        self.sel.register(self.listener, READ, self)
+        super().__init__(self, socket.create_server((args.host, args.port), family=family,
+                                                    backlog=1024))
+
+    def wants(self):
+        return READ if self.deadline == NEVER else 0  # a deadline: accepting is paused till then
 
     def on_event(self, mask):
-        """The listener is readable: accept what waits."""
-        for _ in range(64):
-            try:
-                sock, addr = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:  # out of descriptors: pause accepting instead of spinning
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self.sel.unregister(self.listener)
-                    self.accept_paused_until = time.monotonic() + TICK
-                return
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        """Accept a client; out of descriptors, pause instead of spinning."""
+        try:
+            sock, addr = self.sock.accept()
             Client(self, sock, addr)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self.deadline = time.monotonic() + TICK
+
+    def on_timeout(self, now):
+        self.deadline = NEVER
+
+    def observe(self, error):
+        """Record whether Ollama took a connection just now (error None) or why not."""
+        self.down, self.checked = error, time.monotonic()
 
     def check_access(self, req):
         """Refuse, before reading its body, a request that the key or the admin lock forbids."""
         key = self.args.api_key
+        scheme, _, token = req.header("authorization").partition(" ")
         preflight = req.method == "OPTIONS" and req.header("access-control-request-method")
-        if key and req.path != "/qlite/health" and not preflight and not hmac.compare_digest(
-                req.header("authorization").encode("latin-1"), ("Bearer " + key).encode()):
+        if key and req.path != "/qlite/health" and not preflight and not (
+                scheme.lower() == "bearer"  # any case (RFC 9110, 11.1); the key itself is exact
+                and hmac.compare_digest(token.strip(" ").encode("latin-1"), key.encode())):
             raise ProtocolError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                                 [("WWW-Authenticate", "Bearer")])
-        if admin_path(req.path) and not self.args.allow_admin:
+        clean = "/" + posixpath.normpath(unquote(req.path)).lstrip("/")  # as Ollama's router
+        if (clean in ADMIN_PATHS or clean.startswith("/api/blobs")) and not self.args.allow_admin:
             raise ProtocolError(403, "model management is disabled on this gateway; "
                                      "start qlite.py with --allow-admin to allow it")
 
@@ -744,78 +760,78 @@ class Gateway:
         if req.method not in ("GET", "HEAD"):
             return 405, "use GET", "application/json", [("Allow", "GET")]
         if req.path == "/qlite/metrics":
-            page = self.metrics.render(self.active, self.args.max_active)
-            return 200, page, "text/plain; version=0.0.4; charset=utf-8"
-        return 200, json.dumps({"status": "draining" if self.draining else "ok",
-                                "active": self.active, "max_active": self.args.max_active,
-                                "upstream": "http://" + self.upstream_host}).encode()
+            return 200, self.metrics.render(self), "text/plain; version=0.0.4; charset=utf-8"
+        status = "draining" if self.draining else "down" if self.down else "ok"
+        health = dict(status=status, max_active=self.args.max_active,
+                      upstream="http://" + self.upstream_host, **self.slots)
+        if self.down:
+            health["error"] = self.down
+        return 200 if status == "ok" else 503, json.dumps(health).encode()
 
     def log_request(self, client, status):
         """Count a finished request and write its access-log line."""
         self.metrics.codes[status] = self.metrics.codes.get(status, 0) + 1
+        self.metrics.counters["response_bytes"] += client.sent
+        req, now = client.request, time.monotonic()
         if not self.args.quiet:
-            req, now = client.request, time.monotonic()
-            started = req.started if req else now
-            ttfb = "%.3fs" % (client.first_byte - started) if client.first_byte and req else "-"
+            ttfb = "%.3fs" % (client.first_byte - req.started) if client.first_byte and req else "-"
             sys.stderr.write('%s "%s %s" %d %dB ttfb=%s %.3fs\n' % (
                 client.addr, req.method if req else "-", req.target if req else "-", status,
-                client.sent, ttfb, now - started))
+                client.sent, ttfb, now - req.started if req else 0.0))
+
+    def call(self, conn, callback, *args):
+        """Run one callback; whatever it raises ends that exchange only, never the loop."""
+        client = getattr(conn, "client", conn)  # an upstream's exchange is its client's
+        try:
+            if not conn.closed:
+                callback(*args)
+            for each in (conn, client, getattr(client, "upstream", None)):
+                if each:
+                    each.update()
+        except Exception:
+            traceback.print_exc()
+            if client is not self:
+                client.close()
 
     def run(self):
-        """The loop: dispatch events, sweep deadlines, drain on the first signal."""
+        """The loop: sweep deadlines, dispatch events, drain after a signal."""
         signal.signal(signal.SIGTERM, self.on_signal)
         signal.signal(signal.SIGINT, self.on_signal)
-        next_sweep = drain_deadline = 0.0
-        while not self.draining or (self.clients and time.monotonic() < drain_deadline):
+        next_sweep = 0.0
+        while not self.draining or (time.monotonic() < self.draining
+                                    and any(isinstance(c, Client) for c in self.conns)):
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + TICK
+                self.sweep(time.monotonic())
             for key, mask in self.sel.select(TICK):
-                if key.data is None:  # an idle upstream connection: any event means it is gone
-                    if key.fileobj in self.idle:  # (unless taken for a request earlier in this batch)
-                        self.idle.remove(key.fileobj)
-                        self.sel.unregister(key.fileobj)
-                        key.fileobj.close()
-                    continue
-                try:
-                    key.data.on_event(mask)
-                except Exception:  # a bug hurts one connection, never the loop
-                    traceback.print_exc()
-                    victim = getattr(key.data, "client", key.data)
-                    if victim is not self:
-                        victim.close()
-            now = time.monotonic()
-            if self.stop_requested and not self.draining:
-                self.drain()
-                drain_deadline = now + DRAIN
-            if now >= next_sweep:
-                self.sweep(now)
-                next_sweep = now + TICK
+                self.call(key.data, key.data.on_event, mask)
         return 0
 
     def sweep(self, now):
-        """Time out whatever has waited too long; accept again after a pause."""
-        if self.accept_paused_until and now >= self.accept_paused_until and not self.draining:
-            self.accept_paused_until = None
-            self.sel.register(self.listener, READ, self)
-        for conn in [c for c in self.clients if now > min(c.deadline, c.stall_deadline)] + \
-                [u for u in self.upstreams if now > u.deadline and not u.paused]:
-            if not conn.closed:
-                conn.on_timeout(now)
+        """Drain after a signal; time out what waited too long; probe Ollama if nothing has."""
+        if self.stop_requested and not self.draining:  # stop listening, close idle clients;
+            self.draining = now + DRAIN  # requests in flight may run till then
+            self.close()
+            for conn in [c for c in self.conns if isinstance(c, Client)]:
+                if conn.request is None and not conn.outbuf:
+                    conn.close()
+        for conn in [c for c in self.conns if now >= c.deadline]:
+            self.call(conn, conn.on_timeout, now)
+        if now - self.checked >= PROBE_EVERY and not self.draining:
+            self.checked = now
+            try:
+                Probe(self)
+            except OSError:  # out of descriptors: the next sweep tries again
+                pass
 
     def on_signal(self, signum, frame):
         if self.stop_requested:
             raise SystemExit(1)  # a second signal: stop now
         self.stop_requested = True
 
-    def drain(self):
-        """Stop listening and close idle connections; requests in flight may finish."""
-        self.draining = True
-        if not self.accept_paused_until:
-            self.sel.unregister(self.listener)
-        self.listener.close()
-        for client in list(self.clients):
-            if client.request is None and not client.outbuf:
-                client.close()
 
 def main(argv=None):
+    """Start Q-Lite: raise the descriptor limit, listen, say where, run the loop."""
     args = parse_args(argv)
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     try:  # a thousand idle connections need descriptors
@@ -824,18 +840,16 @@ def main(argv=None):
         pass
     try:
         gw = Gateway(args)
-    except socket.gaierror as e:
-        sys.stderr.write("qlite: cannot resolve upstream %r: %s\n" % (args.upstream_host, e))
+    except OSError as e:  # (a socket.gaierror too)
+        where = ("resolve upstream %r" % args.upstream_host if isinstance(e, socket.gaierror)
+                 else "listen on %s:%d" % (args.host, args.port))
+        sys.stderr.write("qlite: cannot %s: %s\n" % (where, e.strerror or e))
         return 1
-    except OSError as e:
-        sys.stderr.write("qlite: cannot listen on %s:%d: %s\n" % (args.host, args.port, e.strerror or e))
-        return 1
-    host, port = gw.listener.getsockname()[:2]
-    note = "" if args.api_key or host in ("127.0.0.1", "::1") else \
-        " (no --api-key: anyone who can reach this port can use the model)"
-    sys.stderr.write("qlite: listening on http://%s:%d, upstream http://%s, max %d active%s\n"
-                     % ("[%s]" % host if ":" in host else host, port, gw.upstream_host,
-                        args.max_active, note))
+    host, port = gw.sock.getsockname()[:2]
+    sys.stderr.write("qlite: listening on http://%s:%d, upstream http://%s, max %d active%s\n" % (
+        "[%s]" % host if ":" in host else host, port, gw.upstream_host, args.max_active,
+        "" if args.api_key or host in ("127.0.0.1", "::1") else
+        " (no --api-key: anyone who can reach this port can use the model)"))
     sys.stderr.flush()
     return gw.run()
 

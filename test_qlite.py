@@ -41,6 +41,12 @@ def wait_for(condition, timeout=TIMEOUT, message="condition"):
 
 # ======================================================================== fake Ollama
 
+def rss_kib(pid):
+    """Resident memory of a process, in KiB."""
+    with open("/proc/%d/status" % pid) as f:
+        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+
+
 def http_date():
     return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())
 
@@ -63,6 +69,10 @@ class FakeOllama:
     def stop(self):
         self.running = False
         self.release.set()
+        try:  # wakes the accept() in progress, which close() alone leaves taking one more
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.listener.close()
 
     def count(self, path):
@@ -178,6 +188,10 @@ class FakeOllama:
         if path == "/close-after":  # answers as if keeping the connection, then drops it
             self.send_json(conn, 200, {"version": "0.12.6"})
             return False
+        if path == "/api/show":  # a light request; {"hold": true} keeps it in flight
+            if json.loads(req["body"] or b"{}").get("hold") and self.wait_peer(conn):
+                return False
+            return self.send_json(conn, 200, {"modelfile": "FROM fake", "details": {}})
         if path == "/api/tags":
             return self.send_json(conn, 200, {"models": [{"name": "fake:latest", "model": "fake:latest"}]})
         if path == "/echo":  # what reached the upstream, for header and body assertions
@@ -213,9 +227,18 @@ class FakeOllama:
             return False
         if fail == "close_now":
             return False
+        if fail == "head_and_badchunk":  # head, a line and bad framing in one write
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n" % (
+                             len(self.records(path, opts, 1)[0]), self.records(path, opts, 1)[0])
+                         + b"zz\r\nnot a chunk\r\n")
+            self.wait_peer(conn, 5)
+            return False
         if opts.get("hold_before_head"):
             if self.wait_peer(conn):
                 return False
+        for code in opts.get("interim", ()):  # 1xx interim responses before the real one
+            conn.sendall(b"HTTP/1.1 %d Interim\r\nLink: </s.css>; rel=preload\r\n\r\n" % code)
         sse = path.startswith("/v1/")
         records = self.records(path, opts, n)
         if opts.get("stream") is False and sse:
@@ -225,7 +248,8 @@ class FakeOllama:
                              "message": {"role": "assistant", "content": "tok0"}}]})
         if opts.get("stream") is False:
             return self.send_json(conn, 200, json.loads(records[-1]))
-        ctype = {"/raw": "text/plain", "/v1/chat/completions": "text/event-stream"}.get(
+        ctype = opts.get("ctype") or {"/raw": "text/plain",
+                                      "/v1/chat/completions": "text/event-stream"}.get(
             path, "application/x-ndjson")
         framing = opts.get("framing", "chunked")
         extra = "Transfer-Encoding: chunked\r\n" if framing == "chunked" else (
@@ -265,6 +289,8 @@ class FakeOllama:
             else:
                 conn.sendall(wire)
             sent += len(group)
+        if opts.get("hold_end") and self.wait_peer(conn):  # all records out, the end held back
+            return False
         if framing == "chunked":
             conn.sendall(b"0\r\n\r\n")
             return True
@@ -308,6 +334,7 @@ class FakeOllama:
                        b'"model":"fake","choices":[{"index":0,"delta":{},'
                        b'"finish_reason":"stop"}]}\n\n')
             out.append(b"data: [DONE]\n\n")
+            out = sse_framing(out, opts.get("sse", "lf"))
         elif path in ("/api/generate", "/api/chat"):
             msg = b'"message":{"role":"assistant","content":""},' if path == "/api/chat" \
                 else b'"response":"",'
@@ -316,6 +343,32 @@ class FakeOllama:
                        b'"prompt_eval_count":4,"prompt_eval_duration":2000,"eval_count":%d,'
                        b'"eval_duration":%d}\n' % (msg, n, n * 20000000))
         return out
+
+
+SSE_FRAMINGS = ("lf", "crlf", "mixed_ping", "cr", "nospace", "comments", "named",
+                "no_done", "error_then_done", "error_no_done")
+
+
+def sse_framing(events, style):
+    """The same events framed the way one real server does (see stream-framings.md)."""
+    if style == "error_then_done" or style == "error_no_done":  # vLLM and TGI; llama.cpp
+        events = events[:1] + [b'data: {"error": {"message": "model crashed"}}\n\n'] + (
+            events[-1:] if style == "error_then_done" else [])
+    if style == "no_done":  # TGI /generate_stream, llama.cpp native
+        events = events[:-1]
+    if style == "nospace":  # TGI before mid-2024
+        events = [e.replace(b"data: ", b"data:") for e in events]
+    if style == "named":  # Anthropic- and Responses-style endpoints
+        events = [b"event: message\n" + e for e in events]
+    if style == "comments":  # keep-alive comment-only events (llama.cpp, TGI)
+        events = [x for e in events for x in (b":\n\n", e)]
+    if style == "mixed_ping":  # old sse-starlette: LF data, pings that ignore the separator
+        events = [x for e in events for x in (e, b": ping - 2026-11-21 10:00:00.000000\r\n\r\n")]
+    if style == "crlf":  # sse-starlette's default separator
+        events = [e.replace(b"\n", b"\r\n") for e in events]
+    if style == "cr":  # allowed by the format; sse-starlette with sep="\r"
+        events = [e.replace(b"\n", b"\r") for e in events]
+    return events
 
 
 # ======================================================================== clients and gateways
@@ -566,7 +619,7 @@ class StreamingTest(GatewayCase):
         self.assertEqual(len(lines), 3)
         self.assertEqual(json.loads(lines[1])["response"], "tok1" + "x" * 3 * 1024 * 1024)
         self.assertGreater(len(r.chunks), 3)  # the long lines came in several pieces
-        self.assertTrue(all(len(c) <= qlite.MAX_LINE + qlite.READ_SIZE + 65536 for c in r.chunks))
+        self.assertTrue(all(len(c) <= qlite.MAX_RECORD + qlite.READ_SIZE + 65536 for c in r.chunks))
         self.assertTrue(all(c for c in r.chunks))
 
     def test_content_length_passes_through(self):
@@ -595,6 +648,99 @@ class StreamingTest(GatewayCase):
         r = self.stream("/api/generate", {"n": 200, "stream": False, "pad": 3000})
         self.assertEqual(r.status, 200)
         self.assertTrue(r.json()["done"])
+
+
+def dechunk(body):
+    """The chunks of a whole chunked body."""
+    chunks = []
+    while True:
+        size, _, body = body.partition(b"\r\n")
+        size = int(size.split(b";")[0], 16)
+        if not size:
+            return chunks
+        chunks.append(body[:size])
+        body = body[size + 2:]
+
+
+def parse_sse(body):
+    """The events an SSE reader dispatches (WHATWG): a {field: value} dict per event."""
+    events, event = [], {}
+    for line in re.split(rb"\r\n|\r|\n", body):
+        if not line and event:
+            events.append(event)
+            event = {}
+        elif line and not line.startswith(b":"):
+            name, _, value = line.partition(b":")
+            event[name.decode()] = value[1:].decode() if value[:1] == b" " else value.decode()
+    return events
+
+
+class StreamFramingTest(GatewayCase):
+    """Every SSE framing real servers send (stream-framings.md): one event per chunk, at once."""
+    flags = ("--upstream-timeout", "5")
+    path = "/v1/chat/completions"
+
+    def expected(self, opts):
+        return self.fake.records(self.path, opts, opts["n"])
+
+    def test_every_framing_arrives_one_event_per_chunk_byte_for_byte(self):
+        for style in SSE_FRAMINGS:
+            for shape in ({}, {"merge": 3}, {"split": 7}, {"merge": 2, "wire_split": 5}):
+                with self.subTest(style=style, **shape):
+                    opts = dict(n=3, stream=True, sse=style, **shape)
+                    r = self.conn().request("POST", self.path, opts)
+                    self.assertTrue(r.complete)
+                    self.assertEqual(r.chunks, self.expected(opts))
+
+    def test_each_event_leaves_the_moment_its_empty_line_arrives(self):
+        for style in SSE_FRAMINGS:
+            if style == "cr":
+                continue  # see the next test
+            with self.subTest(style=style):
+                self.fake.release.clear()
+                opts = dict(n=3, stream=True, sse=style, hold=True)
+                c = self.conn()
+                c.request("POST", self.path, opts, read=False)
+                self.assertEqual(c.head()[0], 200)
+                self.assertEqual(c.read_chunk(), self.expected(opts)[0])  # the fake holds the rest
+                self.fake.release.set()
+                self.assertEqual(c.read_chunks(), (self.expected(opts)[1:], True))
+
+    def test_a_lone_cr_at_the_end_of_a_read_waits_for_the_next_byte(self):
+        opts = dict(n=3, stream=True, sse="cr", hold=True)
+        c = self.conn()
+        c.request("POST", self.path, opts, read=False)
+        got = b""
+        while b"\r\n\r\n" not in got:
+            got += c.sock.recv(65536)
+        head, _, body = got.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "))
+        # "data: ...\r\r" may yet go on with "\n": the first event waits for the next byte
+        self.assertEqual(select.select([c.sock], [], [], 0.5)[0], [])
+        self.fake.release.set()
+        while not body.endswith(b"\r\n0\r\n\r\n"):
+            body += c.sock.recv(65536)
+        self.assertEqual(dechunk(body), self.expected(opts))
+
+    def test_media_type_matched_in_any_case_with_parameters(self):
+        for ctype in ("text/event-stream; charset=utf-8", "Text/Event-Stream",
+                      "TEXT/EVENT-STREAM;charset=UTF-8"):
+            with self.subTest(ctype=ctype):
+                opts = dict(n=3, stream=True, sse="crlf", merge=5, ctype=ctype)
+                r = self.conn().request("POST", self.path, opts)
+                self.assertEqual(r.header("content-type"), ctype)
+                self.assertEqual(r.chunks, self.expected(opts))
+
+    def test_our_error_event_is_valid_whatever_line_ends_the_stream_used(self):
+        for style in ("lf", "crlf", "cr", "mixed_ping"):
+            with self.subTest(style=style):
+                opts = dict(n=5, stream=True, sse=style, fail="reset", fail_after=2)
+                r = self.conn().request("POST", self.path, opts)
+                self.assertTrue(r.complete)
+                events = parse_sse(r.body)
+                self.assertEqual([e["data"] for e in events[:-1]],
+                                 [e["data"] for e in parse_sse(b"".join(self.expected(opts)[:2]))])
+                self.assertIn("message", json.loads(events[-1]["data"])["error"])
 
 
 # ======================================================================== HTTP/1.1 client side
@@ -683,19 +829,14 @@ class ClientProtocolTest(GatewayCase):
         for hop in ("connection", "x-hop", "keep-alive", "te", "upgrade", "proxy-authorization"):
             self.assertNotIn(hop, names)
 
-    def test_upstream_connections_are_reused(self):
-        self.conn().request("GET", "/api/version")
+    def test_each_request_has_a_connection_of_its_own_upstream(self):
+        c = self.conn()  # one kept-alive client connection...
         before = self.fake.connections
-        for _ in range(5):
-            self.assertEqual(self.conn().request("GET", "/api/version").status, 200)
-            self.assertEqual(len(self.conn().request("POST", "/api/generate", {"n": 2}).chunks), 3)
-        self.assertEqual(self.fake.connections, before)
-
-    def test_an_idle_connection_the_upstream_dropped_is_retried_anew(self):
         for _ in range(3):
-            self.assertEqual(self.conn().request("GET", "/close-after").status, 200)
-            r = self.conn().request("POST", "/api/generate", {"n": 2})  # its connection is dead
-            self.assertEqual((r.status, len(r.chunks)), (200, 3))
+            self.assertEqual(c.request("GET", "/api/version").status, 200)
+            self.assertEqual(len(c.request("POST", "/api/generate", {"n": 2}).chunks), 3)
+            self.assertEqual(c.request("GET", "/close-after").status, 200)  # upstream hangs up
+        self.assertEqual(self.fake.connections, before + 9)  # ...nine upstream connections
 
     def test_upstream_errors_pass_through_unchanged(self):
         for status in (400, 404, 500, 503):
@@ -764,6 +905,39 @@ class CapTest(GatewayCase):
         self.gw.wait_idle()
         self.assertEqual(self.conn().request("POST", "/api/generate", {"n": 1}).status, 200)
 
+    def test_listing_models_takes_no_generation_slot_but_is_bounded_too(self):
+        held = self.hold(10)
+        light = (("GET", "/api/tags", None), ("GET", "/api/ps", None), ("GET", "/api/version", None),
+                 ("POST", "/api/show", {"model": "fake"}), ("GET", "/v1/models", None),
+                 ("GET", "/v1/models/fake", None), ("GET", "/", None), ("HEAD", "/", None))
+        for method, path, body in light:
+            with self.subTest(path=path, method=method):
+                before = self.fake.count(path)
+                self.assertNotEqual(self.conn().request(method, path, body).status, 503)
+                self.assertEqual(self.fake.count(path), before + 1)  # it reached Ollama
+        for method, path in (("POST", "/api/unknown"), ("POST", "/api/tags"), ("GET", "/api/x")):
+            with self.subTest(path=path, method=method):  # anything else takes a slot
+                self.assertEqual(self.conn().request(method, path, {}).status, 503)
+        shows = []
+        for _ in range(10):  # ten light requests in flight besides the ten generations
+            c = self.conn()
+            c.request("POST", "/api/show", {"model": "fake", "hold": True}, read=False)
+            shows.append(c)
+        wait_for(lambda: self.gw.health()["light"] == 10, message="ten light in flight")
+        self.assertEqual(self.gw.health()["active"], 10)
+        before = self.fake.count("/api/tags")
+        r = self.conn().request("GET", "/api/tags")
+        self.assertEqual((r.status, r.header("retry-after")), (503, "1"))
+        self.assertEqual(self.fake.count("/api/tags"), before)
+        metrics = self.conn().request("GET", "/qlite/metrics").body.decode()
+        self.assertIn("qlite_light_requests 10\n", metrics)
+        self.assertIn("qlite_active_requests 10\n", metrics)
+        self.fake.release.set()
+        for c in held:
+            self.assertTrue(c.read_chunks()[1])
+        for c in shows:
+            self.assertEqual(c.response("POST").status, 200)
+
     def test_every_ending_frees_its_slot_exactly_once(self):
         endings = []
         for i in range(3):
@@ -813,10 +987,10 @@ class CancellationTest(GatewayCase):
         self.gw.wait_idle()
 
     def test_client_reset_before_head_closes_upstream_at_once(self):
-        before = self.fake.peer_closed
+        before, forwarded = self.fake.peer_closed, self.fake.count("/api/generate")
         c = self.conn()
         c.request("POST", "/api/generate", {"fail": "silent"}, read=False)
-        wait_for(lambda: self.gw.health()["active"] == 1)
+        wait_for(lambda: self.fake.count("/api/generate") > forwarded, message="fake has it")
         c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         c.close()
         wait_for(lambda: self.fake.peer_closed > before, 1.0, "upstream closed within 1 s")
@@ -835,8 +1009,7 @@ class CancellationTest(GatewayCase):
 class BackpressureTest(GatewayCase):
 
     def rss_kib(self):
-        with open("/proc/%d/status" % self.gw.proc.pid) as f:
-            return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+        return rss_kib(self.gw.proc.pid)
 
     def test_slow_reader_bounds_memory_and_gets_every_byte_in_order(self):
         n = 40000  # about 40 MB of NDJSON
@@ -896,6 +1069,20 @@ class UpstreamFailureTest(GatewayCase):
         self.assertEqual(r.body, b"raw text 0 \nraw text 1 \n")
         r = self.post("/api/generate", {"n": 5, "fail": "reset", "framing": "length"})
         self.assertFalse(r.complete)
+
+    def test_interim_1xx_responses_are_dropped(self):
+        for interim in ([103], [100], [102, 103]):
+            with self.subTest(interim=interim):
+                r = self.post("/api/generate", {"n": 2, "interim": interim})
+                self.assertEqual((r.status, len(r.chunks)), (200, 3))
+                self.assertIsNone(r.header("link"))
+
+    def test_bad_framing_in_the_same_read_as_the_head(self):
+        r = self.post("/api/generate", {"n": 2, "fail": "head_and_badchunk"})
+        self.assertEqual(r.status, 200)
+        self.assertTrue(r.complete)
+        self.assertEqual(json.loads(r.chunks[0])["response"], "tok0")
+        self.assertIn("chunk", json.loads(r.chunks[1])["error"])
 
     def test_no_head_in_time_gives_504(self):
         start = time.monotonic()
@@ -1206,6 +1393,15 @@ class ApiKeyTest(GatewayCase):
         self.assertEqual(self.conn().request("GET", "/qlite/metrics").status, 401)
         self.assertEqual(len(self.fake.requests), before)
 
+    def test_scheme_name_in_any_case_and_the_key_exact(self):
+        for scheme in ("bearer", "BEARER", "BeArEr"):
+            r = self.conn().request("POST", "/echo", b"{}", headers=[
+                ("Authorization", "%s %s" % (scheme, KEY))])
+            self.assertEqual(r.status, 200, scheme)
+        for value in ("Bearer " + KEY.upper(), "Bearer " + KEY + "x", "Bearer", "bearer  "):
+            r = self.conn().request("POST", "/echo", b"{}", headers=[("Authorization", value)])
+            self.assertEqual(r.status, 401, value)
+
     def test_right_key_passes_and_is_never_sent_upstream(self):
         r = self.conn().request("POST", "/echo", b"{}", headers=[("Authorization", "Bearer " + KEY)])
         self.assertEqual(r.status, 200)
@@ -1352,6 +1548,49 @@ class HostileInputTest(GatewayCase):
             with self.subTest(raw=raw[:40]):
                 self.assert_refused(raw, status)
 
+    def test_absolute_form_with_broken_brackets_or_control_characters_is_400(self):
+        for target in (b"http://[::1/api/tags", b"http://x/api/ta\tgs", b"http://x/api/\x01tags",
+                       b"http://x]/api/tags"):
+            with self.subTest(target=target):
+                self.assert_refused(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % target, 400)
+
+    def test_http11_needs_exactly_one_host(self):
+        self.assert_refused(b"GET /api/tags HTTP/1.1\r\n\r\n", 400)
+        self.assert_refused(b"GET /api/tags HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400)
+        reply = raw_exchange(self.gw.port, b"GET /api/tags HTTP/1.0\r\n\r\n")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 "))
+
+    def test_empty_lines_before_a_request_line_are_ignored(self):
+        body = json.dumps({"n": 1}).encode()
+        c = self.conn()
+        c.send(b"\r\n\n\r\nPOST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+               b"\r\nGET /api/version HTTP/1.1\r\nHost: x\r\n\r\n" % (len(body), body))
+        self.assertEqual(len(c.response("POST").chunks), 2)
+        self.assertEqual(c.response().json(), {"version": "0.12.6"})
+
+    def test_chunk_size_with_leading_zeros_however_long(self):
+        c = self.conn()
+        c.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+               + b"0" * 3000 + b"5\r\nhello\r\n" + b"0" * 2000 + b"\r\n\r\n")
+        self.assertEqual(c.response().json()["body"], "hello")
+
+    def test_a_head_typed_with_bare_lf_is_answered_at_once(self):
+        c = self.conn()
+        c.send(b"GET /api/version HTTP/1.1\nHost: x\n\n")  # a hang would end in 408
+        self.assertEqual((c.response().status), 200)
+        c.send(b"GARBAGE\n\n")
+        self.assertEqual((c.response().status), 400)
+
+    def test_header_names_with_underscores_are_not_forwarded(self):
+        r = self.conn().request("POST", "/echo", b"{}", headers=[
+            ("Content_Length", "99"), ("Transfer_Encoding", "chunked"), ("X_User", "admin"),
+            ("X-Kept", "1")])
+        names = {k.lower() for k, v in r.json()["headers"]}
+        self.assertEqual(r.json()["body"], "{}")
+        self.assertIn("x-kept", names)
+        for name in ("content_length", "transfer_encoding", "x_user"):
+            self.assertNotIn(name, names)
+
     def test_absolute_form_is_served_from_the_upstream_only(self):
         r = self.conn().request("GET", "http://evil.example:9/echo?a=1")
         self.assertEqual(r.status, 200)
@@ -1429,7 +1668,88 @@ class HostileInputTest(GatewayCase):
                 s.close()
 
 
+class FloodTest(GatewayCase):
+    flags = ("--client-timeout", "2")
+
+    def test_a_client_that_pipelines_and_never_reads_costs_about_the_high_water_mark(self):
+        base, peak = rss_kib(self.gw.proc.pid), [0]
+        flood = socket.create_connection(("127.0.0.1", self.gw.port))
+        flood.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.addCleanup(flood.close)
+        sent, cut = [0], threading.Event()
+
+        def pump():
+            try:
+                while True:
+                    sent[0] += flood.send(b"GET /qlite/health HTTP/1.1\r\nHost: x\r\n\r\n" * 500)
+            except OSError:
+                cut.set()
+        threading.Thread(target=pump, daemon=True).start()
+        wait_for(lambda: sent[0] > 1 << 20, message="a megabyte of pipelined requests")
+        start = time.monotonic()
+        r = self.conn().request("POST", "/api/generate", {"n": 5})  # others are still served
+        self.assertEqual(len(r.chunks), 6)
+        self.assertLess(time.monotonic() - start, 1.0)
+
+        def cut_off():
+            peak[0] = max(peak[0], rss_kib(self.gw.proc.pid))
+            return cut.is_set()
+        wait_for(cut_off, message="the flood cut after --client-timeout without progress")
+        self.assertLess(peak[0] - base, 4 * 1024, "grew %d KiB" % (peak[0] - base))
+        self.assertGreater(sent[0], 1 << 20)
+
+
 class DescriptorExhaustionTest(unittest.TestCase):
+
+    def test_a_request_with_no_descriptor_left_gets_503_and_the_gateway_lives_on(self):
+        import resource
+        fake = FakeOllama()
+        self.addCleanup(fake.stop)
+        proc = subprocess.Popen(
+            [sys.executable, QLITE, "--host", "127.0.0.1", "--port", "0", "--upstream",
+             "127.0.0.1:%d" % fake.port], stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40)))
+        idle = []
+        try:
+            port = int(re.search(r":(\d+),", proc.stderr.readline()).group(1))
+            early = Conn(port)  # accepted before descriptors run out
+            self.addCleanup(early.close)
+            self.assertEqual(early.request("GET", "/qlite/health").status, 200)
+            for _ in range(60):
+                idle.append(socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT))
+            wait_for(lambda: len(os.listdir("/proc/%d/fd" % proc.pid)) >= 40,
+                     message="gateway out of descriptors")
+            before = fake.count("/api/generate")
+            r = early.request("POST", "/api/generate", {"n": 2})
+            self.assertEqual((r.status, r.header("retry-after")), (503, "1"))
+            self.assertIn("upstream", r.json()["error"])
+            self.assertEqual(fake.count("/api/generate"), before)
+            for s in idle:
+                s.close()
+
+            def streams():
+                c = Conn(port)
+                try:
+                    r = c.request("POST", "/api/generate", {"n": 2})
+                    return r.status == 200 and len(r.chunks) == 3
+                except OSError:
+                    return False
+                finally:
+                    c.close()
+            wait_for(streams, message="a normal stream once descriptors are back")
+            c = Conn(port)
+            self.addCleanup(c.close)
+            health = c.request("GET", "/qlite/health").json()
+            self.assertEqual((health["active"], health["light"]), (0, 0))
+            self.assertIsNone(proc.poll())
+        finally:
+            for s in idle:
+                s.close()
+            proc.kill()
+            proc.wait()
+            log = proc.stderr.read()
+            proc.stderr.close()
+        self.assertNotIn("Traceback", log)
 
     def test_running_out_of_descriptors_neither_spins_nor_crashes(self):
         import resource
@@ -1535,9 +1855,31 @@ class FuzzTest(GatewayCase):
 class MetricsTest(GatewayCase):
     flags = ("--max-active", "1")
 
+    def test_499_only_before_the_head_and_streams_left_early_counted(self):
+        def counted():
+            text = self.conn().request("GET", "/qlite/metrics").body.decode()
+            return int(re.search(r"qlite_streams_left_early_total (\d+)", text).group(1))
+        before = counted()
+        c = self.conn()  # hangs up after data: [DONE], before the last chunk
+        c.request("POST", "/v1/chat/completions", {"n": 2, "stream": True, "hold_end": True},
+                  read=False)
+        c.head()
+        while c.read_chunk() != b"data: [DONE]\n\n":
+            pass
+        c.close()
+        line = wait_for(lambda: [x for x in self.gw.log if '"POST /v1/chat/completions"' in x])
+        self.assertRegex(line[0], r'" 200 \d+B ttfb=')
+        self.assertEqual(counted(), before + 1)
+        c = self.conn()  # hangs up before the response head
+        c.request("POST", "/api/generate", {"fail": "silent"}, read=False)
+        wait_for(lambda: self.gw.health()["active"] == 1, message="forwarded")
+        c.close()
+        wait_for(lambda: [x for x in self.gw.log if '"POST /api/generate" 499 ' in x])
+        self.assertEqual(counted(), before + 1)
+
     def test_health(self):
         h = self.gw.health()
-        self.assertEqual(h, {"status": "ok", "active": 0, "max_active": 1,
+        self.assertEqual(h, {"status": "ok", "active": 0, "light": 0, "max_active": 1,
                              "upstream": "http://127.0.0.1:%d" % self.fake.port})
         self.assertEqual(self.conn().request("POST", "/qlite/health", b"").status, 405)
         self.assertEqual(self.conn().request("GET", "/qlite/nothing").status, 404)
@@ -1595,6 +1937,39 @@ class MetricsTest(GatewayCase):
         self.assertIn("# TYPE qlite_time_to_first_byte_seconds histogram", text)
 
 
+class UpstreamHealthTest(unittest.TestCase):
+    """Health follows Ollama itself, at about one probe a second however often it is asked."""
+
+    def test_health_follows_ollama_down_and_up_without_other_traffic(self):
+        port = free_port()
+        gw = GatewayProcess(port)  # nothing listens there yet
+        self.addCleanup(gw.stop)
+
+        def health(status):
+            r = gw.get("/qlite/health")
+            return r.json() if r.status == status else None
+        body = wait_for(lambda: health(503), message="health 503 while Ollama is down")
+        self.assertEqual(body["status"], "down")
+        self.assertIn("refused", body["error"].lower())
+        self.assertIn("qlite_upstream_up 0\n", gw.get("/qlite/metrics").body.decode())
+        fake = FakeOllama(port)
+        self.addCleanup(fake.stop)
+        start = time.monotonic()
+        self.assertEqual(wait_for(lambda: health(200))["status"], "ok")
+        self.assertLess(time.monotonic() - start, 3.0)
+        before, start = fake.connections, time.monotonic()
+        asked = 0
+        while time.monotonic() - start < 2.0:  # ask as fast as we can for two seconds
+            asked += bool(health(200))
+        probes = fake.connections - before
+        self.assertGreater(asked, 50)
+        self.assertLessEqual(probes, (time.monotonic() - start) / qlite.PROBE_EVERY + 2)
+        fake.stop()
+        start = time.monotonic()
+        wait_for(lambda: health(503), message="health 503 once Ollama stopped")
+        self.assertLess(time.monotonic() - start, 3.0)
+
+
 # ======================================================================== scale out behind nginx
 
 def find_nginx():
@@ -1643,7 +2018,7 @@ NGINX_CONF = NGINX_PROLOGUE + """
             proxy_set_header Connection "";
             proxy_buffering off;
             proxy_read_timeout 600s;
-            proxy_next_upstream error timeout http_503 non_idempotent;
+            proxy_next_upstream error timeout http_502 http_503 non_idempotent;
         }
     }
 }
@@ -1715,6 +2090,14 @@ class ScaleOutTest(unittest.TestCase):
             rest, complete = c.read_chunks()
             self.assertTrue(complete)
             self.assertEqual(b"".join(rest).count(b"\n"), 3)
+
+    def test_a_node_whose_ollama_is_down_passes_requests_on(self):
+        self.fakes[0].stop()
+        for _ in range(4):
+            r = self.conn().request("POST", "/api/generate", {"n": 2})
+            self.assertEqual((r.status, r.body.count(b"\n")), (200, 3))  # nginx may merge lines
+        self.assertEqual(self.fakes[1].count("/api/generate"), 4)
+        self.assertTrue([x for x in self.gws[0].log if '"POST /api/generate" 502 ' in x])
 
     def test_streaming_through_the_chain_is_one_line_per_chunk_as_produced(self):
         c = self.conn()
