@@ -13,6 +13,7 @@ the response head, and a Framer re-chunks the body, one chunk per NDJSON line or
 
 import argparse, hmac, http.client, io, json, os, posixpath, re, resource, selectors, signal
 import socket, sys, time, traceback, types
+from contextlib import suppress
 from urllib.parse import unquote, urlsplit
 
 # ================================================================================ Configuration
@@ -23,9 +24,9 @@ MAX_TARGET = 8 * 1024       # 414 beyond
 MAX_CHUNK_LINE = 1024       # a chunk-size or trailer line; 400 beyond
 MAX_RECORD = 1024 * 1024    # a longer NDJSON line or SSE event is forwarded in pieces
 HIGH_WATER = 256 * 1024     # unsent output above which nothing more is read for that client
-READ_SIZE = 256 * 1024
+READ_SIZE = 64 * 1024       # one read: bounds the work a single event can cost everyone else
 CONNECT_TIMEOUT = 10.0      # a dead upstream host must not hold a slot for the whole timeout
-PROBE_EVERY = 1.0           # Ollama is probed this often when no request has shown it is up
+PROBE_EVERY = 1.0           # how often a bare connect tells whether Ollama can be reached
 LINGER = 2.0                # after our last byte, how long a client may go on sending
 DRAIN = 30.0                # how long requests in flight may run after SIGTERM
 TICK = 0.25                 # deadline sweep period
@@ -40,6 +41,7 @@ RECORDS = {  # media type: what ends a record cut short, and the error record th
     NDJSON: (b"\n", b'{"error": %s}\n'),
     "text/event-stream": (b"\n\n", b'data: {"error": {"message": %s, "type": "api_error"}}\n\n')}
 READ, WRITE, NEVER = selectors.EVENT_READ, selectors.EVENT_WRITE, float("inf")
+RETRY_SOON = [("Retry-After", "1")]  # with a 503 that nothing reached Ollama
 
 def parse_upstream(value):
     """Read an upstream the way Ollama reads OLLAMA_HOST: host, host:port or http://host:port."""
@@ -94,9 +96,8 @@ EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")  # a line end, th
 class ProtocolError(Exception):
     """Input we will not pass on, with the HTTP status (and headers) to answer it with."""
     def __init__(self, status, message, headers=()):
-        super().__init__(message)
-        self.status, self.headers = status, headers
-        self.decoded = b""  # body bytes decoded before the bad framing: they still go out
+        super().__init__(message)  # decoded: body bytes before bad framing still go out
+        self.status, self.headers, self.decoded = status, headers, b""
 
 def error_body(path, status, message):
     """The JSON error clients expect: Ollama's shape, or OpenAI's under /v1/."""
@@ -131,7 +132,6 @@ def read_response_head(buf):
 
 class Request:
     """A request head, parsed strictly (or ProtocolError), and its body as it arrives."""
-
     def __init__(self, head, max_body):
         lines = re.split(r"\r?\n", head.decode("latin-1"))
         line = REQUEST_LINE.match(lines[0])
@@ -162,34 +162,24 @@ class Request:
         self.connection = {t.strip().lower() for t in ",".join(self.fields.get("connection", ()))
                            .split(",")}
         self.keep_alive = self.version == "HTTP/1.1" and "close" not in self.connection
-        self.body, self.parts, self.started = self.body_reader(max_body), [], time.monotonic()
-
-    def header(self, name):
-        return self.fields.get(name, [""])[0]
-
-    def body_reader(self, max_body):
-        """How the body comes: by chunks, by length, or not at all."""
+        self.parts, self.started = [], time.monotonic()
         codings, lengths = self.fields.get("transfer-encoding"), self.fields.get("content-length")
         if codings and lengths:
             raise ProtocolError(400, "both Content-Length and Transfer-Encoding")
         if codings and ",".join(codings).lower() != "chunked":
             raise ProtocolError(501, "only the chunked transfer-encoding is supported")
         length = lengths[0] if lengths else "0"
-        if len(set(lengths or [length])) > 1 or not (length.isascii() and length.isdigit()) \
-                or len(length) > 18:
+        if len(set(lengths or [length])) > 1 or not re.match(r"[0-9]{1,18}\Z", length):
             raise ProtocolError(400, "bad Content-Length")
         if int(length) > max_body:
             raise ProtocolError(413, "request body larger than %d bytes" % max_body)
-        return ChunkedReader(max_body) if codings else LengthReader(int(length))
+        self.body = ChunkedReader(max_body) if codings else LengthReader(int(length))
 
-    def read_body(self, buf):
-        """Take the body's bytes from the front of buf; True once the body is whole."""
-        self.parts.append(self.body.read(buf))
-        return self.body.done
+    def header(self, name):
+        return self.fields.get(name, [""])[0]
 
 class LengthReader:
     """Reads a body of known length (None: until the connection closes) from a buffer."""
-
     def __init__(self, length):
         self.left = float("inf") if length is None else length
         self.done = length == 0
@@ -205,7 +195,6 @@ class LengthReader:
 
 class ChunkedReader:
     """Decodes a chunked body from a buffer, taking only the bytes it has used."""
-
     def __init__(self, limit=None):
         self.limit, self.size, self.left = limit, 0, 0  # body bytes so far; due in this chunk
         self.due, self.done = "size", False  # the line due next: "size", "end" or "trailer"
@@ -228,31 +217,28 @@ class ChunkedReader:
                     raise ProtocolError(400, "chunk line over %d bytes" % MAX_CHUNK_LINE)
                 if eol < 0:
                     break
-                line, pos = bytes(buf[pos:eol]), eol + 1
-                self.take_line(line[:-1] if line.endswith(b"\r") else line)
+                line, pos = buf[pos:eol].removesuffix(b"\r"), eol + 1
+                if self.due == "size":
+                    size = CHUNK_SIZE.match(line)
+                    if not size:
+                        raise ProtocolError(400, "bad chunk size")
+                    self.left = int(size.group(1), 16)
+                    self.size += self.left
+                    if self.limit is not None and self.size > self.limit:
+                        raise ProtocolError(413, "request body larger than %d bytes" % self.limit)
+                    self.due = "end" if self.left else "trailer"
+                elif self.due == "end":  # the line end after a chunk's data
+                    if line:
+                        raise ProtocolError(400, "chunk longer than its size")
+                    self.due = "size"
+                else:  # trailer fields are not forwarded; an empty line ends them
+                    self.done = not line
         except ProtocolError as e:
             e.decoded = b"".join(out)
             raise
         finally:
             del buf[:pos]
         return b"".join(out)
-
-    def take_line(self, line):
-        """A chunk-size line, the empty line after a chunk's data, or a trailer line."""
-        if self.due == "end":
-            if line:
-                raise ProtocolError(400, "chunk longer than its size")
-            self.due = "size"
-        elif self.due == "trailer":
-            self.done = not line  # trailer fields are not forwarded
-        else:
-            size = CHUNK_SIZE.match(line)
-            if not size:
-                raise ProtocolError(400, "bad chunk size")
-            self.left = int(size.group(1), 16)
-            self.due, self.size = "end" if self.left else "trailer", self.size + self.left
-            if self.limit is not None and self.size > self.limit:
-                raise ProtocolError(413, "request body larger than %d bytes" % self.limit)
 
 def chunks(records):
     """Each record as one chunk of a chunked body (records must not be empty)."""
@@ -262,14 +248,10 @@ def chunks(records):
     return b"".join(pieces)
 
 class Framer:
-    """Frames a body for the client: as it is, chunked as it comes, or one chunk per record:
-    an NDJSON line, or an SSE event (it ends at an empty line, whatever mix of CRLF, LF and CR
-    ends its lines), byte for byte, the moment its end arrives."""
-
+    """Frames a body for the client: as it is, chunked, or a chunk per NDJSON line or SSE event."""
     def __init__(self, chunked, kind=None):
         self.chunked, self.kind = chunked, kind  # kind: a media type in RECORDS, or None
-        self.partial = self.last = b""  # a record still missing its end; the last whole record
-        self.broken = False  # part of an over-long record went out without its end
+        self.partial, self.last, self.broken = b"", b"", False  # see frame()
 
     def frame(self, data, final=False):
         """What the client gets for body bytes that arrived; final: the body has ended."""
@@ -284,8 +266,8 @@ class Framer:
                 not final and data.endswith(b"\r")))]
             cut = ends[-1] if ends else 0
             records = [data[a:b] for a, b in zip([0] + ends, ends)]
-        self.partial = data[cut:]
-        if records:
+        self.partial = data[cut:]  # a record still missing its end
+        if records:  # broken: part of an over-long record went out without its end
             self.last, self.broken = records[-1], False
         if len(self.partial) > MAX_RECORD:  # send an over-long record on: memory stays bounded
             records.append(self.partial)
@@ -293,8 +275,7 @@ class Framer:
         return chunks(records)
 
     def end(self, error=None):
-        """The last bytes: what is left, or after a failure an error record, and the last chunk;
-        None cuts short a failed body that has no records (the client sees the truncation)."""
+        """The last bytes; after a failure an error record, or None to cut the body short."""
         if error and not self.kind:
             return None
         if not self.chunked:
@@ -307,24 +288,21 @@ class Framer:
         return tail + (chunks([self.partial]) if self.partial else b"") + b"0\r\n\r\n"
 
 def plan_response(resp, req):
-    """The client's head and framing for an upstream response: (head, framer, keep_alive)."""
+    """The client's head and framing for an upstream response: (head, framer)."""
     headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP_BY_HOP
-               and k.lower() != "content-length"]
-    keep_alive, framer = req.keep_alive, Framer(chunked=False)
-    if resp.length is not None:  # a known length, or no body at all (HEAD, 204, 304)
-        if resp.length or "content-length" in resp.headers:
-            headers.append(("Content-Length", resp.headers.get("content-length", resp.length)))
-    else:
+               and (resp.length is not None or k.lower() != "content-length")]
+    framer = Framer(chunked=False)
+    if resp.length is None:  # not framed by length: chunks, or until the upstream closes
         headers.append(("X-Accel-Buffering", "no"))  # so an nginx in front does not buffer
         if req.version == "HTTP/1.0":
-            keep_alive = False  # close-delimited: an HTTP/1.0 client cannot read chunks
+            req.keep_alive = False  # close-delimited: an HTTP/1.0 client cannot read chunks
         else:
             headers.append(("Transfer-Encoding", "chunked"))
             kind = resp.getheader("content-type", "").split(";")[0].strip().lower()
             framer = Framer(True, kind if kind in RECORDS else None)
-    if not keep_alive:
+    if not req.keep_alive:
         headers.append(("Connection", "close"))
-    return response_head(resp.status, resp.reason, headers), framer, keep_alive
+    return response_head(resp.status, resp.reason, headers), framer
 
 def upstream_request(req, host, strip_authorization):
     """The request for the upstream: end-to-end headers only, its own Host, a Content-Length."""
@@ -354,53 +332,11 @@ def parse_response_head(head, method):
         raise ProtocolError(502, "upstream sent a malformed response head (%s)" % type(e).__name__)
     return resp
 
-class Metrics:
-    """Exact counters for /qlite/metrics, and its Prometheus text."""
-
-    def __init__(self):
-        self.codes, self.ttfb_counts, self.ttfb_sum = {}, [0] * (len(TTFB_BUCKETS) + 1), 0.0
-        self.counters = {"rejected": 0, "upstream_errors": 0, "streams_left_early": 0,
-                         "response_bytes": 0, "generated_tokens": 0, "generation_seconds": 0.0}
-
-    def observe_ttfb(self, seconds):
-        self.ttfb_sum += seconds
-        self.ttfb_counts[sum(1 for b in TTFB_BUCKETS if seconds > b)] += 1
-
-    def observe_done_line(self, line):
-        """Count generated tokens from the final `done` line of an NDJSON stream."""
-        try:
-            final = json.loads(line)
-            if final.get("done") is True:
-                self.counters["generated_tokens"] += int(final.get("eval_count", 0))
-                self.counters["generation_seconds"] += int(final.get("eval_duration", 0)) / 1e9
-        except (ValueError, TypeError, AttributeError):
-            pass
-
-    def render(self, gw):
-        """The Prometheus text format."""
-        gauges = {"active_requests": gw.slots["active"], "light_requests": gw.slots["light"],
-                  "max_active_requests": gw.args.max_active, "upstream_up": int(not gw.down)}
-        lines = ["# TYPE qlite_%s gauge\nqlite_%s %d" % (n, n, v) for n, v in gauges.items()]
-        lines.append("# TYPE qlite_requests_total counter")
-        lines += ['qlite_requests_total{code="%d"} %d' % c for c in sorted(self.codes.items())]
-        lines += ["# TYPE qlite_%s_total counter\nqlite_%s_total %r" % (n, n, v)
-                  for n, v in self.counters.items()]
-        lines.append("# TYPE qlite_time_to_first_byte_seconds histogram")
-        for i, bound in enumerate(TTFB_BUCKETS + ("+Inf",)):
-            lines.append('qlite_time_to_first_byte_seconds_bucket{le="%s"} %d'
-                         % (bound, sum(self.ttfb_counts[:i + 1])))
-        lines += ["qlite_time_to_first_byte_seconds_sum %r" % self.ttfb_sum,
-                  "qlite_time_to_first_byte_seconds_count %d" % sum(self.ttfb_counts)]
-        return ("\n".join(lines) + "\n").encode()
-
-
 # ================================================================================ Connections
 
 class Connection:
-    """A non-blocking socket owned by the loop: derived interest, buffered send, one deadline.
-    A subclass sets what its wants() reads before it calls __init__, which registers it."""
-
-    def __init__(self, gw, sock):
+    """A non-blocking socket owned by the loop: derived interest, buffered send, one deadline."""
+    def __init__(self, gw, sock):  # a subclass first sets what its wants() reads
         self.gw, self.sock, self.events, self.outbuf = gw, sock, 0, bytearray()
         self.deadline, self.sent = NEVER, 0
         sock.setblocking(False)
@@ -409,20 +345,17 @@ class Connection:
 
     @property
     def closed(self):
-        return self.sock.fileno() < 0
+        return self not in self.gw.conns
 
     def update(self):
         """Register the events wants() derives from the state: the one caller of the selector."""
         want = 0 if self.closed else self.wants()
-        if want == self.events:
-            return
-        if not self.events:
-            self.gw.sel.register(self.sock, want, self)
-        elif want:
-            self.gw.sel.modify(self.sock, want, self)
-        else:
-            self.gw.sel.unregister(self.sock)
-        self.events = want
+        if want != self.events:  # changes are rare (backpressure, the request sent)
+            if self.events:
+                self.gw.sel.unregister(self.sock)
+            if want:
+                self.gw.sel.register(self.sock, want, self)
+            self.events = want
 
     def on_event(self, mask):
         """Send what waits; hand what arrived (b"" when the peer is gone) to received()."""
@@ -431,7 +364,7 @@ class Connection:
         if mask & READ and not self.closed:
             try:
                 data = self.sock.recv(READ_SIZE)
-            except (BlockingIOError, InterruptedError):
+            except BlockingIOError:
                 return
             except OSError as e:
                 return self.lost(e)
@@ -444,7 +377,7 @@ class Connection:
         self.sent += len(data)
         try:
             sent = self.sock.send(self.outbuf) if self.outbuf else 0
-        except (BlockingIOError, InterruptedError):
+        except BlockingIOError:
             sent = 0
         except OSError as e:
             return self.lost(e)
@@ -457,21 +390,18 @@ class Connection:
     def close(self):
         """Unregister, then close; closing twice is harmless."""
         if not self.closed:
-            if self.events:
-                self.gw.sel.unregister(self.sock)
-            self.events = 0
-            self.sock.close()
             self.gw.conns.discard(self)
+            self.update()  # closed, it wants nothing: unregistered before the socket closes
+            self.sock.close()
 
 class Client(Connection):
     """One client connection: reads requests in order, answers or forwards each, writes back."""
-
     def __init__(self, gw, sock, addr):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.addr, self.inbuf = "%s:%s" % addr[:2], bytearray()
         self.patience = gw.args.client_timeout  # to send a request, or to take its output
         self.request = self.upstream = None  # the request being read or served; its Upstream
-        self.status = self.first_byte = None  # of the response under way, once its head is out
+        self.status, self.first_byte = None, None  # of the response whose head is out
         self.closing = False  # hang up once the output is out
         super().__init__(gw, sock)
         self.deadline = time.monotonic() + self.patience  # for a whole request
@@ -523,7 +453,8 @@ class Client(Connection):
                     if req.header("expect").lower() == "100-continue" and not self.inbuf \
                             and not req.body.done:
                         self.send(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits 1 s otherwise
-                if not self.request.read_body(self.inbuf):
+                self.request.parts.append(self.request.body.read(self.inbuf))
+                if not self.request.body.done:
                     return
                 self.dispatch()
         except ProtocolError as e:  # hang up after it: where the next request starts is unknown
@@ -537,20 +468,17 @@ class Client(Connection):
         kind = "light" if "%s %s" % (req.method, req.path) in LIGHT or (
             req.method == "GET" and req.path.startswith("/v1/models/")) else "active"
         if gw.slots[kind] >= gw.args.max_active:
-            gw.metrics.counters["rejected"] += 1
-            return self.respond(503, "all %d slots are busy, retry shortly" % gw.args.max_active,
-                                extra=[("Retry-After", "1")])
+            gw.counters["rejected"] += 1
+            return self.respond(503, "all slots are busy, retry shortly", extra=RETRY_SOON)
         try:
             self.upstream = Upstream(gw, self, kind, upstream_request(
                 req, gw.upstream_host, gw.args.api_key is not None))
         except OSError as e:  # no descriptor left for it: refuse this request, serve on
-            return self.respond(503, "no connection to the upstream now: %s" % e.strerror,
-                                extra=[("Retry-After", "1")])
+            return self.respond(503, "cannot reach the upstream: %s" % e.strerror, extra=RETRY_SOON)
         if not self.outbuf:
             self.drained()
 
-    def begin(self, status):
-        """A response head leaves now."""
+    def begin(self, status):  # a response head leaves now
         self.status, self.first_byte, self.sent = status, time.monotonic(), 0
 
     def respond(self, status, body, content_type="application/json", extra=(), close=False):
@@ -568,8 +496,8 @@ class Client(Connection):
 
     def end_response(self, data, close):
         """Queue the last bytes of the response and log it; then hang up or read on."""
-        self.closing = self.closing or close or bool(self.gw.draining)
-        self.upstream = None
+        keep = self.request and self.request.keep_alive and not self.gw.draining
+        self.closing, self.upstream = self.closing or close or not keep, None
         self.send(data)
         if not self.closed:  # (else close() has logged it)
             self.gw.log_request(self, self.status)
@@ -580,9 +508,8 @@ class Client(Connection):
         if self.closed:
             return
         self.closing = True
-        if self.request and self.status is not None:  # it left a stream: log what was sent
-            self.gw.metrics.counters["streams_left_early"] += 1
         if self.request:  # 499 only when it left before the response head, as nginx does
+            self.gw.counters["streams_left_early"] += self.status is not None
             self.gw.log_request(self, 499 if self.status is None else self.status)
         if self.upstream:
             self.upstream.close()
@@ -590,11 +517,9 @@ class Client(Connection):
 
 class Upstream(Connection):
     """One request forwarded to Ollama: connect, send, read the head, stream the body back."""
-
     def __init__(self, gw, client, kind, wire):
         self.client, self.kind, self.inbuf = client, kind, bytearray()
-        self.response = self.reader = self.framer = None
-        self.keep_client = False  # whether the client connection outlives this response
+        self.response = self.reader = self.framer = None  # once the response head is here
         self.patience = min(CONNECT_TIMEOUT, gw.args.upstream_timeout)  # to take the request
         super().__init__(gw, socket.socket(gw.upstream_family, socket.SOCK_STREAM))
         gw.slots[kind] += 1
@@ -609,9 +534,8 @@ class Upstream(Connection):
         return 0 if len(self.client.outbuf) > HIGH_WATER else READ
 
     def drained(self):
-        """The whole request is out: Ollama is up; from now on it may think in silence."""
+        """The whole request is out: from now on Ollama may think in silence."""
         self.deadline = time.monotonic() + self.gw.args.upstream_timeout
-        self.gw.observe(None)
 
     def lost(self, error):
         self.end("upstream connection failed: %s" % (error.strerror or error))
@@ -644,28 +568,24 @@ class Upstream(Connection):
         req = self.client.request
         resp = self.response = parse_response_head(head, req.method)
         self.reader = ChunkedReader() if resp.chunked else LengthReader(resp.length)
-        head, self.framer, self.keep_client = plan_response(resp, req)
-        self.gw.metrics.observe_ttfb(time.monotonic() - req.started)
+        head, self.framer = plan_response(resp, req)
+        self.gw.observe_ttfb(time.monotonic() - req.started)
         self.client.begin(resp.status)
         return head
 
     def end(self, error=None, status=502):
-        """End the exchange; after a failure the client gets an error response before the head,
-        an error record or a cut after it."""
+        """End the exchange; a failure is an error response before the head, a record after."""
         if self.closed:
             return
-        if error:
-            self.gw.metrics.counters["upstream_errors"] += 1
-        if error and self.outbuf:  # the request never got through: Ollama is not reachable
-            self.gw.observe(error)
-        elif self.framer and self.framer.kind == NDJSON:
-            self.gw.metrics.observe_done_line(self.framer.last)
+        self.gw.counters["upstream_errors"] += bool(error)
+        if not error and self.framer.kind == NDJSON:
+            self.gw.observe_done_line(self.framer.last)
         self.close()
         if self.response is None:
             self.client.respond(status, error)
         else:  # the end of the body, or None to cut it short
             tail = self.framer.end(error)
-            self.client.end_response(tail or b"", tail is None or not self.keep_client)
+            self.client.end_response(tail or b"", tail is None)
         self.client.advance()
 
     def on_timeout(self, now):
@@ -680,8 +600,7 @@ class Upstream(Connection):
             super().close()
 
 class Probe(Connection):
-    """A bare connect to Ollama, made when no request has shown lately whether it is up."""
-
+    """A bare connect to Ollama, once a second: whether it can be reached, or why not."""
     def __init__(self, gw):
         super().__init__(gw, socket.socket(gw.upstream_family, socket.SOCK_STREAM))
         self.sock.connect_ex(gw.upstream_addr)
@@ -693,11 +612,11 @@ class Probe(Connection):
     def drained(self):
         """Writable: the connect has ended, one way or the other."""
         error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        self.gw.observe("upstream connection failed: %s" % os.strerror(error) if error else None)
+        self.gw.down = "upstream connection failed: %s" % os.strerror(error) if error else None
         self.close()
 
     def on_timeout(self, now):
-        self.gw.observe("upstream did not accept a connection in %gs" % PROBE_EVERY)
+        self.gw.down = "upstream did not accept a connection in %gs" % PROBE_EVERY
         self.close()
 
 
@@ -705,11 +624,14 @@ class Probe(Connection):
 
 class Gateway(Connection):
     """The listening socket, the selector, the slots, the counters and the loop."""
-
     def __init__(self, args):
-        self.args, self.metrics, self.sel = args, Metrics(), selectors.DefaultSelector()
+        self.args, self.sel = args, selectors.DefaultSelector()
+        self.codes, self.ttfb_counts, self.ttfb_sum = {}, [0] * (len(TTFB_BUCKETS) + 1), 0.0
+        self.counters = {"rejected": 0, "upstream_errors": 0, "streams_left_early": 0,
+                         "response_bytes": 0, "generated_tokens": 0, "generation_seconds": 0.0}
         self.conns, self.slots, self.stop_requested = set(), {"active": 0, "light": 0}, False
-        self.draining, self.down, self.checked = 0.0, None, -NEVER  # drain end; Ollama's state
+        self.draining, self.checked, self.down = 0.0, -NEVER, None  # drain end, last probe,
+        # and why that probe could not reach Ollama (None: it could)
         host, port = args.upstream_host, args.upstream_port
         info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]  # once, at start-up
         self.upstream_family, self.upstream_addr = info[0], info[4]
@@ -726,7 +648,7 @@ class Gateway(Connection):
         try:
             sock, addr = self.sock.accept()
             Client(self, sock, addr)
-        except (BlockingIOError, InterruptedError):
+        except BlockingIOError:
             pass
         except OSError:
             self.deadline = time.monotonic() + TICK
@@ -734,24 +656,50 @@ class Gateway(Connection):
     def on_timeout(self, now):
         self.deadline = NEVER
 
-    def observe(self, error):
-        """Record whether Ollama took a connection just now (error None) or why not."""
-        self.down, self.checked = error, time.monotonic()
+    def observe_ttfb(self, seconds):
+        self.ttfb_sum += seconds
+        for i, bound in enumerate(TTFB_BUCKETS + (NEVER,)):
+            self.ttfb_counts[i] += seconds <= bound
+
+    def observe_done_line(self, line):
+        """Count generated tokens from the final `done` line of an NDJSON stream."""
+        try:
+            final = json.loads(line)
+            if final.get("done") is True:
+                self.counters["generated_tokens"] += int(final.get("eval_count", 0))
+                self.counters["generation_seconds"] += int(final.get("eval_duration", 0)) / 1e9
+        except (ValueError, TypeError, AttributeError):
+            pass
+
+    def metrics_page(self):
+        """/qlite/metrics in the Prometheus text format."""
+        gauges = {"active_requests": self.slots["active"], "light_requests": self.slots["light"],
+                  "max_active_requests": self.args.max_active, "upstream_up": int(not self.down)}
+        lines = ["# TYPE qlite_%s gauge\nqlite_%s %d" % (n, n, v) for n, v in gauges.items()]
+        lines.append("# TYPE qlite_requests_total counter")
+        lines += ['qlite_requests_total{code="%d"} %d' % c for c in sorted(self.codes.items())]
+        lines += ["# TYPE qlite_%s_total counter\nqlite_%s_total %r" % (n, n, v)
+                  for n, v in self.counters.items()]
+        lines.append("# TYPE qlite_time_to_first_byte_seconds histogram")
+        lines += ['qlite_time_to_first_byte_seconds_bucket{le="%s"} %d' % bucket
+                  for bucket in zip(TTFB_BUCKETS + ("+Inf",), self.ttfb_counts)]
+        lines += ["qlite_time_to_first_byte_seconds_sum %r" % self.ttfb_sum,
+                  "qlite_time_to_first_byte_seconds_count %d" % self.ttfb_counts[-1]]
+        return ("\n".join(lines) + "\n").encode()
 
     def check_access(self, req):
         """Refuse, before reading its body, a request that the key or the admin lock forbids."""
-        key = self.args.api_key
+        key = (self.args.api_key or "").encode()
         scheme, _, token = req.header("authorization").partition(" ")
         preflight = req.method == "OPTIONS" and req.header("access-control-request-method")
         if key and req.path != "/qlite/health" and not preflight and not (
                 scheme.lower() == "bearer"  # any case (RFC 9110, 11.1); the key itself is exact
-                and hmac.compare_digest(token.strip(" ").encode("latin-1"), key.encode())):
+                and hmac.compare_digest(token.strip(" ").encode("latin-1"), key)):
             raise ProtocolError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                                 [("WWW-Authenticate", "Bearer")])
         clean = "/" + posixpath.normpath(unquote(req.path)).lstrip("/")  # as Ollama's router
         if (clean in ADMIN_PATHS or clean.startswith("/api/blobs")) and not self.args.allow_admin:
-            raise ProtocolError(403, "model management is disabled on this gateway; "
-                                     "start qlite.py with --allow-admin to allow it")
+            raise ProtocolError(403, "model management is off: start qlite.py with --allow-admin")
 
     def own_endpoint(self, req):
         """Q-Lite's own endpoints: (status, body[, content type, headers]) for respond()."""
@@ -760,18 +708,16 @@ class Gateway(Connection):
         if req.method not in ("GET", "HEAD"):
             return 405, "use GET", "application/json", [("Allow", "GET")]
         if req.path == "/qlite/metrics":
-            return 200, self.metrics.render(self), "text/plain; version=0.0.4; charset=utf-8"
+            return 200, self.metrics_page(), "text/plain; version=0.0.4; charset=utf-8"
         status = "draining" if self.draining else "down" if self.down else "ok"
-        health = dict(status=status, max_active=self.args.max_active,
+        health = dict(status=status, max_active=self.args.max_active, error=self.down,
                       upstream="http://" + self.upstream_host, **self.slots)
-        if self.down:
-            health["error"] = self.down
         return 200 if status == "ok" else 503, json.dumps(health).encode()
 
     def log_request(self, client, status):
         """Count a finished request and write its access-log line."""
-        self.metrics.codes[status] = self.metrics.codes.get(status, 0) + 1
-        self.metrics.counters["response_bytes"] += client.sent
+        self.codes[status] = self.codes.get(status, 0) + 1
+        self.counters["response_bytes"] += client.sent
         req, now = client.request, time.monotonic()
         if not self.args.quiet:
             ttfb = "%.3fs" % (client.first_byte - req.started) if client.first_byte and req else "-"
@@ -818,11 +764,9 @@ class Gateway(Connection):
         for conn in [c for c in self.conns if now >= c.deadline]:
             self.call(conn, conn.on_timeout, now)
         if now - self.checked >= PROBE_EVERY and not self.draining:
-            self.checked = now
-            try:
+            self.checked = now  # a probe at a time: each gives up after PROBE_EVERY
+            with suppress(OSError):  # out of descriptors: the next sweep tries again
                 Probe(self)
-            except OSError:  # out of descriptors: the next sweep tries again
-                pass
 
     def on_signal(self, signum, frame):
         if self.stop_requested:
@@ -834,10 +778,8 @@ def main(argv=None):
     """Start Q-Lite: raise the descriptor limit, listen, say where, run the loop."""
     args = parse_args(argv)
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    try:  # a thousand idle connections need descriptors
+    with suppress(ValueError, OSError):  # a thousand idle connections need descriptors
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ValueError, OSError):
-        pass
     try:
         gw = Gateway(args)
     except OSError as e:  # (a socket.gaierror too)
@@ -850,7 +792,6 @@ def main(argv=None):
         "[%s]" % host if ":" in host else host, port, gw.upstream_host, args.max_active,
         "" if args.api_key or host in ("127.0.0.1", "::1") else
         " (no --api-key: anyone who can reach this port can use the model)"))
-    sys.stderr.flush()
     return gw.run()
 
 if __name__ == "__main__":
