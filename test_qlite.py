@@ -9,6 +9,7 @@ fields in the request's JSON body, so the same fake can run in its own process f
 import json
 import os
 import queue
+import random
 import re
 import select
 import signal
@@ -19,6 +20,8 @@ import sys
 import threading
 import time
 import unittest
+import zlib
+from unittest import mock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 QLITE = os.path.join(HERE, "qlite.py")
@@ -45,6 +48,22 @@ def rss_kib(pid):
     """Resident memory of a process, in KiB."""
     with open("/proc/%d/status" % pid) as f:
         return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+
+
+def holds_connection(pid, local_port, remote_port):
+    """Whether a process still holds the TCP connection between these two loopback ports."""
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    inodes = {row[9] for row in rows if row[9] != "0"  # 0: orphaned, the process let go
+              and int(row[1].split(":")[1], 16) == local_port
+              and int(row[2].split(":")[1], 16) == remote_port}
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            if os.readlink("/proc/%d/fd/%s" % (pid, fd)) in {"socket:[%s]" % i for i in inodes}:
+                return True
+        except OSError:  # closed meanwhile
+            pass
+    return False
 
 
 def http_date():
@@ -188,6 +207,10 @@ class FakeOllama:
         if path == "/close-after":  # answers as if keeping the connection, then drops it
             self.send_json(conn, 200, {"version": "0.12.6"})
             return False
+        if path == "/nobody":  # says chunked on an answer that has no body: HEAD, 204, 304
+            status = int(req["target"].partition("?")[2] or 200)
+            self.send_head(conn, status, "application/json", "Transfer-Encoding: chunked\r\n")
+            return True
         if path == "/api/show":  # a light request; {"hold": true} keeps it in flight
             if json.loads(req["body"] or b"{}").get("hold") and self.wait_peer(conn):
                 return False
@@ -238,7 +261,12 @@ class FakeOllama:
             if self.wait_peer(conn):
                 return False
         for code in opts.get("interim", ()):  # 1xx interim responses before the real one
-            conn.sendall(b"HTTP/1.1 %d Interim\r\nLink: </s.css>; rel=preload\r\n\r\n" % code)
+            conn.sendall(b"HTTP/1.1 %d Interim\r\nLink: </s.css>; rel=preload\r\n\r\n" % code
+                         if isinstance(code, int) else b"HTTP/1.1 %s\r\n\r\n" % code.encode())
+        if "raw_head" in opts:  # exactly these bytes, then nothing
+            conn.sendall(opts["raw_head"].encode("latin-1"))
+            self.wait_peer(conn, 5)
+            return False
         sse = path.startswith("/v1/")
         records = self.records(path, opts, n)
         if opts.get("stream") is False and sse:
@@ -829,6 +857,30 @@ class ClientProtocolTest(GatewayCase):
         for hop in ("connection", "x-hop", "keep-alive", "te", "upgrade", "proxy-authorization"):
             self.assertNotIn(hop, names)
 
+    def test_answers_that_have_no_body_end_at_their_head_even_if_chunked(self):
+        c = self.conn()
+        for method, target, status in (("HEAD", "/nobody", 200), ("POST", "/nobody?204", 204),
+                                       ("POST", "/nobody?304", 304)):
+            with self.subTest(method=method, status=status):
+                r = c.request(method, target, b"" if method == "POST" else None)
+                self.assertEqual(r.status, status)
+                self.assertEqual(c.request("GET", "/api/version").status, 200)  # not hanging
+
+    def test_a_client_that_pipelines_many_requests_holds_up_nobody(self):
+        def answered():
+            text = self.conn().request("GET", "/qlite/metrics").body.decode()
+            return int(re.search(r'qlite_requests_total\{code="200"\} (\d+)', text).group(1))
+        a, b = self.conn(), self.conn()
+        self.assertEqual(b.request("GET", "/api/version").status, 200)  # both accepted by now
+        before = answered()
+        a.send(b"GET /qlite/health HTTP/1.1\r\nHost: x\r\n\r\n" * 2000)  # 78 KB, not read yet
+        b.send(b"GET /qlite/metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        text = b.response().body.decode()  # answered while most of a's requests still wait
+        done = int(re.search(r'qlite_requests_total\{code="200"\} (\d+)', text).group(1))
+        self.assertLess(done - before, 1000)
+        for _ in range(2000):  # and every one of a's is answered, in order
+            self.assertEqual(a.response().json()["status"], "ok")
+
     def test_each_request_has_a_connection_of_its_own_upstream(self):
         c = self.conn()  # one kept-alive client connection...
         before = self.fake.connections
@@ -1071,11 +1123,24 @@ class UpstreamFailureTest(GatewayCase):
         self.assertFalse(r.complete)
 
     def test_interim_1xx_responses_are_dropped(self):
-        for interim in ([103], [100], [102, 103]):
+        for interim in ([103], [100], [102, 103], ["103"], ["100"], ["102", 103]):
             with self.subTest(interim=interim):
                 r = self.post("/api/generate", {"n": 2, "interim": interim})
                 self.assertEqual((r.status, len(r.chunks)), (200, 3))
                 self.assertIsNone(r.header("link"))
+
+    def test_an_invalid_response_head_is_a_502_as_in_nginx(self):
+        for line in ("X-A: a\r\n b", "X-A: a\x00b", "X-A: a\rInjected: 1", "Content-Length : 2",
+                     "Content-Length: 2\r\nContent-Length: 5", "Content-Length: 1_0",
+                     "Content-Length: +2"):
+            with self.subTest(line=line):
+                r = self.post("/api/generate", {"raw_head": "HTTP/1.1 200 OK\r\n%s\r\n\r\nokok"
+                                                % line})
+                self.assertEqual(r.status, 502)
+                self.assertIn("invalid response head", r.json()["error"])
+        r = self.post("/api/generate", {"raw_head": "HTTP/1.1 200 OK\x00\r\nContent-Length: 2"
+                                                    "\r\n\r\nok"})
+        self.assertEqual((r.status, r.reason, r.body), (200, "OK", b"ok"))  # our reason phrase
 
     def test_bad_framing_in_the_same_read_as_the_head(self):
         r = self.post("/api/generate", {"n": 2, "fail": "head_and_badchunk"})
@@ -1151,6 +1216,783 @@ class ClientTimeoutTest(GatewayCase):
         c.request("POST", "/api/generate", {"n": 100000, "pad": 200, "merge": 50}, read=False)
         wait_for(lambda: self.gw.health()["active"] == 1)
         wait_for(lambda: self.gw.health()["active"] == 0, message="stalled reader cut")
+
+
+# ======================================================================== split invariance
+
+class SplitInvarianceTest(unittest.TestCase):
+    """Each reader, fed whole, byte by byte, at every two-way split and at random splits."""
+
+    SEED = int(os.environ.get("QLITE_SPLIT_SEED", "9112"))
+    RANDOM_SPLITS = 200   # random multi-way splits per input (a tenth of it for long inputs)
+    BYTEWISE_MAX = 5000   # inputs up to this long are also fed byte by byte
+    TWO_WAY_MAX = 1000    # longer inputs: strided two-way splits, plus every cut near a CR or LF
+    MAX_BODY = 64         # the max_body requests are read with
+    SMALL_HEAD = 256      # MAX_HEAD while the head-limit cases run byte by byte
+    CHUNK_LINE = re.compile(rb"([0-9a-f]+)\r\n")
+    NDJSON, SSE = "application/x-ndjson", "text/event-stream"  # the Framer's kinds
+
+    # ==================================================================== splitting machinery
+
+    @staticmethod
+    def pieces(data, cuts):
+        """data cut at the given offsets."""
+        bounds = [0] + list(cuts) + [len(data)]
+        return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+
+    @staticmethod
+    def random_cuts(rng, n, marks, few=False):
+        """A random multi-way split: a few cuts, many small pieces, or cuts at line ends."""
+        style = rng.choice((0, 2) if few else (0, 1, 2))
+        if style == 0 or not marks:
+            return sorted(rng.sample(range(1, n), rng.randint(1, min(n - 1, 8))))
+        if style == 1:
+            cuts, at, most, rand = [], 0, rng.choice((2, 3, 5, 17, 64)), rng.random
+            while True:
+                at += 1 + int(rand() * most)
+                if at >= n:
+                    return cuts
+                cuts.append(at)
+        return sorted(rng.sample(marks, rng.randint(1, min(len(marks), 8 if few else 12))))
+
+    def splits(self, data, two_way_max=None, random_splits=None, few=False):
+        """(kind, cuts) pairs: two-way splits, byte by byte, then random ones (fixed seed)."""
+        # few: an input too long to be read in many pieces (read_head rescans its buffer)
+        n = len(data)
+        two_way_max = self.TWO_WAY_MAX if two_way_max is None else two_way_max
+        marks = sorted({j for i, c in enumerate(data) if c in b"\r\n"
+                        for j in (i - 1, i, i + 1, i + 2) if 0 < j < n})
+        if n <= two_way_max:
+            two_way = range(1, n)
+        else:  # strided, plus the first and last bytes and cuts around line ends
+            marks = marks[::len(marks) // 300 + 1]
+            two_way = sorted(set(range(1, n, n // (40 if few else 200) + 1)) | set(marks)
+                             | set(range(1, min(n, 9))) | set(range(max(1, n - 8), n)))
+        for i in two_way:
+            yield "two-way split", [i]
+        if n <= self.BYTEWISE_MAX and not few:
+            yield "byte by byte", list(range(1, n))
+        if random_splits is None:
+            random_splits = self.RANDOM_SPLITS if n <= self.TWO_WAY_MAX \
+                else self.RANDOM_SPLITS // 4 if n <= self.BYTEWISE_MAX else self.RANDOM_SPLITS // 10
+        rng = random.Random(self.SEED ^ zlib.crc32(data))
+        for _ in range(random_splits if n > 1 else 0):
+            yield "random split (seed %d)" % self.SEED, self.random_cuts(rng, n, marks, few)
+
+    def shrink(self, data, cuts, result, whole):
+        """Fewer cuts that still give a result other than the whole feed's."""
+        cuts, size = list(cuts), max(1, len(cuts) // 2)
+        while True:
+            at = 0
+            while at < len(cuts):
+                trial = cuts[:at] + cuts[at + size:]
+                if result(self.pieces(data, trial)) != whole:
+                    cuts = trial
+                else:
+                    at += size
+            if size == 1:
+                return cuts
+            size //= 2
+
+    def check_splits(self, name, data, result, **limits):
+        """result(pieces) is the same for every split of data as for data whole; returns it."""
+        whole = result([data])
+        seen = {()}
+        for kind, cuts in self.splits(data, **limits):
+            if tuple(cuts) in seen:
+                continue
+            seen.add(tuple(cuts))
+            got = result(self.pieces(data, cuts))
+            if got != whole:
+                small = self.shrink(data, cuts, result, whole)
+                got = result(self.pieces(data, small))
+                shown = " | ".join(self.show(p) for p in self.pieces(data, small)) \
+                    if len(small) <= 6 else "(%d pieces)" % (len(small) + 1)
+                self.fail("%s: a %s gives another result than the whole feed\n"
+                          "input (%d bytes): %s\nsplit at %s (shrunk from %d cuts): %s\n"
+                          "whole gives: %s\nsplit gives: %s"
+                          % (name, kind, len(data), self.show(data), small, len(cuts), shown,
+                             self.show(whole), self.show(got)))
+        return whole
+
+    @classmethod
+    def show(cls, value):
+        """A short, readable repr: runs of one byte as b'x' * n, long values cut in the middle."""
+        if isinstance(value, (bytes, bytearray)):
+            value, parts, pos = bytes(value), [], 0
+            for run in re.finditer(rb"(.)\1{15,}", value, re.S):
+                if run.start() > pos:
+                    parts.append(repr(value[pos:run.start()]))
+                parts.append("%r * %d" % (run.group(1), len(run.group(0))))
+                pos = run.end()
+            if pos < len(value) or not parts:
+                parts.append(repr(value[pos:]))
+            text = " + ".join(parts)
+        elif isinstance(value, list):
+            text = "[%s]" % ", ".join(cls.show(v) for v in value)
+        elif isinstance(value, tuple):
+            text = "(%s)" % ", ".join(cls.show(v) for v in value)
+        else:
+            text = repr(value)
+        return text if len(text) <= 700 else text[:340] + " ... " + text[-340:]
+
+    @staticmethod
+    def dechunk(wire):
+        """A chunked body's chunks and whether the last chunk ended it; strict."""
+        out, pos = [], 0
+        while pos < len(wire):
+            line = SplitInvarianceTest.CHUNK_LINE.match(wire, pos)
+            if not line:
+                return "malformed chunked body at %d: %r" % (pos, wire[pos:pos + 40])
+            size, pos = int(line.group(1), 16), line.end()
+            if size == 0:
+                return (out, True) if wire[pos:] == b"\r\n" else "bytes after the last chunk"
+            if wire[pos + size:pos + size + 2] != b"\r\n":
+                return "chunk at %d does not end where its size says" % pos
+            out.append(wire[pos:pos + size])
+            pos += size + 2
+        return out, False
+
+    # ==================================================================== the readers' loops
+
+    @staticmethod
+    def take_heads(pieces, reader=None):
+        """Heads taken by read_head as each piece arrives, then an error or what is left."""
+        reader, buf, out = reader or qlite.read_head, bytearray(), []
+        try:
+            for piece in pieces:
+                buf += piece
+                head = reader(buf)
+                while head is not None:
+                    out.append(head)
+                    head = reader(buf)
+        except qlite.ProtocolError as e:
+            return out + [("error", e.status)]
+        return out + [("left in buf", bytes(buf))]
+
+    @staticmethod
+    def read_response_head(buf):
+        """The final response head, as Upstream.received takes it: interim 1xx ones dropped."""
+        head = qlite.read_head(buf, 502)
+        while head is not None and qlite.INTERIM.match(head):
+            head = qlite.read_head(buf, 502)
+        return head
+
+    @classmethod
+    def take_response_head(cls, pieces):
+        """The final response head, as Upstream.received takes it; then the bytes after it."""
+        buf, head = bytearray(), None
+        try:
+            for piece in pieces:
+                buf += piece
+                if head is None:
+                    head = cls.read_response_head(buf)
+        except qlite.ProtocolError as e:
+            return "error", e.status
+        return head, bytes(buf)
+
+    @classmethod
+    def read_requests(cls, pieces, max_body=None):
+        """A client's request stream, read as Client.advance reads it."""
+        max_body = cls.MAX_BODY if max_body is None else max_body
+        buf, req, events = bytearray(), None, []
+        try:
+            for piece in pieces:
+                buf += piece
+                while True:
+                    if req is None:
+                        head = qlite.read_head(buf)
+                        if head is None:
+                            break
+                        req = qlite.Request(head, max_body)
+                    req.parts.append(req.body.read(buf))
+                    if not req.body.done:
+                        break
+                    events.append((req.method, req.target, b"".join(req.parts)))
+                    req = None
+        except qlite.ProtocolError as e:
+            return events + [("error", e.status)]  # the connection closes: nothing more is read
+        half = None if req is None else (req.method, req.target, b"".join(req.parts))
+        return events + [("half-read", half), ("left in buf", bytes(buf))]
+
+    @staticmethod
+    def decode_chunked(pieces, limit=None):
+        """What a ChunkedReader decodes in all, and how it ended: done, waiting, or an error."""
+        reader, buf, out = qlite.ChunkedReader(limit), bytearray(), []
+        try:
+            for piece in pieces:
+                buf += piece
+                out.append(reader.read(buf))
+        except qlite.ProtocolError as e:
+            return b"".join(out) + e.decoded, ("error", e.status)
+        return b"".join(out), reader.done, bytes(buf)
+
+    @classmethod
+    def frame(cls, pieces, kind):
+        """A Framer's chunks for the pieces: ended cleanly, and ended by end("boom")."""
+        ok, failed = qlite.Framer(True, kind), qlite.Framer(True, kind)
+        clean = cls.dechunk(b"".join(ok.frame(p) for p in pieces) + ok.end())
+        sent = b"".join(failed.frame(p) for p in pieces)
+        tail = failed.end("boom")
+        if kind is None:  # chunks follow the reads here: compare what does not depend on them
+            same = isinstance(clean, tuple) and clean[0] == [p for p in pieces if p]
+            return (b"".join(clean[0]) if same else clean), same, tail
+        return clean, cls.dechunk(sent + tail) if tail is not None else None
+
+    @classmethod
+    def relay(cls, pieces):
+        """An upstream response as Upstream.received relays it: the client's head and body."""
+        req = qlite.Request(b"POST /api/chat HTTP/1.1\r\nHost: a", 1024)
+        buf, reader, framer, head, body, error = bytearray(), None, None, None, [], None
+        resp = None
+        try:
+            for piece in list(pieces) + [b""]:  # b"": the upstream closes the connection
+                if not piece:
+                    if reader is not None and not resp.chunked and resp.length is None:
+                        break  # the body ends with the connection
+                    raise qlite.ProtocolError(502, "upstream closed the connection early")
+                buf += piece
+                if reader is None:
+                    raw = cls.read_response_head(buf)
+                    if raw is None:
+                        continue
+                    resp = qlite.parse_response_head(raw, req.method)
+                    reader = qlite.ChunkedReader() if resp.chunked and resp.length is None \
+                        else qlite.LengthReader(resp.length)
+                    head, framer = qlite.plan_response(resp, req)[:2]
+                body.append(framer.frame(reader.read(buf)))
+                if reader.done:
+                    break
+        except qlite.ProtocolError as e:
+            if framer is None:
+                return "error", e.status
+            body.append(framer.frame(e.decoded) if e.decoded else b"")
+            error = str(e)
+        tail = framer.end(error)
+        wire = b"".join(body) + (tail or b"")
+        if not framer.chunked:
+            return head, wire, tail is None
+        chunks = cls.dechunk(wire)
+        if framer.kind is None and isinstance(chunks, tuple):
+            chunks = b"".join(chunks[0]), chunks[1]
+        return head, chunks, tail is None
+
+    # ==================================================================== corpora
+
+    @staticmethod
+    def request(method=b"GET", target=b"/api/tags", headers=b"", body=b"", eol=b"\r\n"):
+        """A request: its head with the given header lines, then body as it is."""
+        head = b"%s %s HTTP/1.1%sHost: a%s" % (method, target, eol, eol)
+        return head + headers + eol + body
+
+    @classmethod
+    def posted(cls, body, length=None):
+        """A POST with a Content-Length body."""
+        n = len(body) if length is None else length
+        return cls.request(b"POST", b"/api/generate", b"Content-Length: %d\r\n" % n, body)
+
+    @classmethod
+    def chunked(cls, body):
+        """A POST whose body is given already chunked."""
+        return cls.request(b"POST", b"/api/chat", b"Transfer-Encoding: chunked\r\n", body)
+
+    @classmethod
+    def request_corpus(cls):
+        """Named client request streams."""
+        get, line = cls.request(), qlite.MAX_CHUNK_LINE
+        hello = b"hello\r\n0\r\n\r\n"
+        trailer = (b"POST /api/generate HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   b"0\r\nA: 1\r\n\r\nGET /api/tags HTTP/1.1\r\nHost: a\r\n\r\n")
+        return [
+            ("GET, CRLF", get),
+            ("GET, bare LF", cls.request(eol=b"\n")),
+            ("GET, CRLF and LF mixed", b"GET /api/tags HTTP/1.1\r\nHost: a\n\r\n"),
+            ("HTTP/1.0, no header", b"GET /api/version HTTP/1.0\r\n\r\n"),
+            ("absolute-form target", b"GET http://x/api/tags?a=1 HTTP/1.1\r\nHost: a\r\n\r\n"),
+            ("empty CRLF lines before", b"\r\n\r\n" + get),
+            ("empty LF lines before", b"\n\n\n" + get),
+            ("a run of CRLF, LF and CR before", b"\r\n\n\r\n\r\r\n" + b"\r\n" * 40 + get),
+            ("a lone CR before", b"\r" + get),
+            ("pipelined", get + cls.posted(b'{"model":1}') + cls.request(b"HEAD", b"/")),
+            ("a stray CRLF between requests", get + b"\r\n" + get),
+            ("stray LF and CRLF between requests", cls.posted(b"{}") + b"\n\r\n\n" + get),
+            ("Content-Length body", cls.posted(b'{"model":"m","prompt":"hi"}')),
+            ("Content-Length body that looks like a head",
+             cls.posted(b"GET / HTTP/1.1\r\n\r\n\r\n\r\n") + get),
+            ("Content-Length 0", cls.posted(b"") + get),
+            ("Content-Length with leading zeros",
+             cls.request(b"POST", b"/", b"Content-Length: 0005\r\n", b"hello")),
+            ("chunked", cls.chunked(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n") + get),
+            ("chunked, bare LF", cls.chunked(b"5\nhello\n0\n\n") + get),
+            ("chunked, LF after the data only", cls.chunked(b"5\r\nhello\n0\r\n\r\n")),
+            ("chunked, short extensions",
+             cls.chunked(b"5;a=b\r\nhello\r\n6 ; q=\"x y\"\r\n world\r\n0;last\r\n\r\n") + get),
+            ("chunked, upper-case size and a tab", cls.chunked(b"A\t\r\n0123456789\r\n0\r\n\r\n")),
+            ("chunk data that looks like framing",
+             cls.chunked(b"9\r\n0\r\n\r\nGET \r\n0\r\n\r\n") + get),
+            ("trailer, CRLF", trailer),
+            ("trailers, bare LF", cls.chunked(b"5\r\nhello\r\n0\nA: 1\nB: 2\n\n") + get),
+            ("trailers, CRLF and LF mixed", cls.chunked(b"0\r\nA: 1\nB: 2\r\n\n") + get),
+            ("trailer, then a stray CRLF", cls.chunked(b"0\r\nA: 1\r\n\r\n\r\n") + get),
+            ("a few leading zeros", cls.chunked(b"0005\r\nhello\r\n000\r\n\r\n") + get),
+            ("thousands of leading zeros",
+             cls.chunked(b"0" * 2000 + b"5\r\nhello\r\n" + b"0" * 2000 + b"\r\n\r\n") + get),
+            ("a chunk longer than its size", cls.chunked(b"3\r\nhello\r\n0\r\n\r\n") + get),
+            ("a chunk shorter than its size", cls.chunked(b"7\r\nhello\r\n0\r\n\r\n") + get),
+            ("bad size: not hex", cls.chunked(b"x\r\nhello\r\n0\r\n\r\n")),
+            ("bad size: negative", cls.chunked(b"-5\r\nhello\r\n0\r\n\r\n")),
+            ("bad size: empty line", cls.chunked(b"\r\nhello\r\n0\r\n\r\n")),
+            ("bad size: 0x prefix", cls.chunked(b"0x5\r\nhello\r\n0\r\n\r\n")),
+            ("bad size: space before", cls.chunked(b" 5\r\nhello\r\n0\r\n\r\n")),
+            ("bad size: two numbers", cls.chunked(b"5 5\r\nhello\r\n0\r\n\r\n")),
+            ("bad size: CR CR LF", cls.chunked(b"5\r\r\nhello\r\n0\r\n\r\n")),
+            ("size of 16 hex digits", cls.chunked(b"1000000000000000\r\nx\r\n0\r\n\r\n")),
+            ("size of 15 hex digits", cls.chunked(b"fffffffffffffff\r\nx\r\n0\r\n\r\n")),
+            ("zeros, then 16 hex digits", cls.chunked(b"000" + b"1" * 16 + b"\r\nx\r\n")),
+            ("a 2,000-byte extension", cls.chunked(b"5;" + b"x" * 2000 + b"\r\n" + hello)),
+            ("a chunk line at the limit",
+             cls.chunked(b"5;" + b"x" * (line - 3) + b"\r\n" + hello) + get),
+            ("a chunk line one byte past the limit",
+             cls.chunked(b"5;" + b"x" * (line - 2) + b"\r\n" + hello) + get),
+            ("a 2,000-byte trailer line", cls.chunked(b"0\r\nX: " + b"y" * 2000 + b"\r\n\r\n")),
+            ("Content-Length over max_body", cls.posted(b"x" * 65) + get),
+            ("Content-Length at max_body", cls.posted(b"x" * 64) + get),
+            ("chunks over max_body",
+             cls.chunked(b"20\r\n" + b"a" * 32 + b"\r\n21\r\n" + b"b" * 33 + b"\r\n0\r\n\r\n")),
+            ("chunks at max_body",
+             cls.chunked(b"20\r\n" + b"a" * 32 + b"\r\n20\r\n" + b"b" * 32 + b"\r\n0\r\n\r\n")),
+            ("bytes after the body: part of a head", cls.posted(b"{}") + b"GET /api/t"),
+            ("a body left half-read", cls.posted(b"abc", length=10)),
+            ("a chunked body left half-read", cls.chunked(b"5\r\nhel")),
+            ("a chunk size left half-read", cls.chunked(b"5\r\nhello\r\n00")),
+            ("a trailer left half-read", cls.chunked(b"0\r\nA: 1\r\n")),
+            ("a head left half-read", b"\r\nGET /api/tags HTTP/1.1\r\nHo"),
+            ("malformed request line", b"GET /api/tags\r\n\r\n" + get),
+            ("unsupported version after a request", get + b"GET / HTTP/9.9\r\n\r\n" + get),
+            ("obs-fold", cls.request(headers=b"X: a\r\n b\r\n") + get),
+            ("Content-Length and Transfer-Encoding",
+             cls.request(b"POST", b"/", b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n")),
+            ("gzip coding", cls.request(b"POST", b"/", b"Transfer-Encoding: gzip\r\n")),
+            ("CONNECT", b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n"),
+        ]
+
+    @classmethod
+    def head_at_limit(cls, limit, extra=0, eol=b"\r\n", first=b"POST /api/generate HTTP/1.1"):
+        """A message head whose end (its empty line included) falls extra bytes past limit."""
+        start = b"%s%sHost: a%sX: " % (first, eol, eol)
+        return start + b"a" * (limit + extra - len(start) - 2 * len(eol)) + eol + eol
+
+    @classmethod
+    def head_limit_corpus(cls, limit):
+        """Heads around the size limit: (name, stream, whether the head at the limit fits)."""
+        exact, past = cls.head_at_limit(limit), cls.head_at_limit(limit, 1)
+        get = cls.request()
+        return [
+            ("a head ending exactly at the limit", exact, True),
+            ("a head ending one byte past the limit", past, False),
+            ("bare LF, exactly at the limit", cls.head_at_limit(limit, 0, b"\n"), True),
+            ("bare LF, one byte past the limit", cls.head_at_limit(limit, 1, b"\n"), False),
+            ("empty lines, then a head exactly at the limit", b"\r\n" * limit + exact, True),
+            ("a request, then a head exactly at the limit", get + exact, True),
+            ("a request, then a head one byte past the limit", get + past, False),
+            ("a stray CRLF, then a head past the limit", get + b"\r\n" + past, False),
+            ("an unended head one byte short of the limit", exact[:limit - 1], True),
+            ("an unended head as long as the limit", exact[:limit - 4] + b"aaaa", False),
+            ("an unended head far over the limit", exact[:-4] + b"a" * limit, False),
+        ]
+
+    @staticmethod
+    def response_corpus():
+        """Named upstream byte streams, each starting with a response head."""
+        ok = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n" \
+             b"Transfer-Encoding: chunked\r\n\r\n"
+        body = b"d\r\n{\"done\":true}\n\r\n0\r\n\r\n"
+        return [
+            ("a final head", ok + body),
+            ("100 Continue first", b"HTTP/1.1 100 Continue\r\n\r\n" + ok + body),
+            ("102, then 103 with a Link, then 200",
+             b"HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 103 Early Hints\r\n"
+             b"Link: </style.css>; rel=preload\r\n\r\n" + ok + body),
+            ("100, 102 and 103", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n"
+             b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + ok + body),
+            ("bare LF heads", b"HTTP/1.1 103 Early Hints\nLink: </a>\n\n"
+             b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok"),
+            ("CRLF and LF mixed", b"HTTP/1.1 103 Early Hints\r\nLink: </a>\n\r\n"
+             b"HTTP/1.1 200 OK\nContent-Length: 2\r\n\nok"),
+            ("empty lines before and between", b"\r\n\nHTTP/1.1 100 Continue\r\n\r\n\r\n\n"
+             + ok + body),
+            ("a body that looks like heads", b"HTTP/1.0 200 OK\r\nContent-Length: 40\r\n\r\n"
+             b"HTTP/1.1 103 Early Hints\r\n\r\n\r\n\r\nHTTP/1.1"),
+            ("an interim head only", b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"),
+            ("an interim head, then part of the final one",
+             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-"),
+            ("204, then nothing", b"HTTP/1.1 204 No Content\r\nDate: x\r\n\r\n"),
+        ]
+
+    @staticmethod
+    def ollama_ndjson(n=30):
+        """A streamed Ollama reply: one JSON line per token, then the final line."""
+        lines = [json.dumps({"model": "m", "created_at": "2024-01-01T00:00:00Z",
+                             "response": "tok%d \u00e9\u20ac" % i, "done": False},
+                            ensure_ascii=False).encode() + b"\n" for i in range(n)]
+        return b"".join(lines) + b'{"model":"m","response":"","done":true,"eval_count":30}\n'
+
+    @classmethod
+    def ndjson_corpus(cls):
+        """Named NDJSON bodies."""
+        return [
+            ("LF lines", b'{"a":1}\n{"b":2}\n{"done":true}\n'),
+            ("CRLF lines", b'{"a":1}\r\n{"b":2}\r\n'),
+            ("blank lines", b'\n\n{"a":1}\n\n\n{"b":2}\n\r\n'),
+            ("no final LF", b'{"a":1}\n{"b":2'),
+            ("a lone CR ends a line", b'{"a":1}\r{"b":2}\n'),
+            ("CR, CRLF and LF mixed", b"x\r\ny\rz\n\r\n\r\r\nw"),
+            ("ends in a CR", b'{"a":1}\n{"b":2}\r'),
+            ("multi-byte UTF-8", '{"r":"\u00e9\u20ac\U0001f600"}\n'.encode()),
+            ("an Ollama stream", cls.ollama_ndjson()),
+            ("nothing", b""),
+        ]
+
+    @staticmethod
+    def sse_corpus():
+        """Named SSE bodies."""
+        chat = b"".join(b'data: {"choices":[{"delta":{"content":"t%d"}}]}\n\n' % i
+                        for i in range(40)) + b"data: [DONE]\n\n"
+        return [
+            ("LF", b"data: a\n\ndata: b\n\n"),
+            ("CRLF", b"data: a\r\n\r\ndata: b\r\n\r\n"),
+            ("lone CR", b"data: a\r\rdata: b\r\r"),
+            ("LF data, CRLF pings", b'data: {"x":1}\n\n: ping\r\n\r\ndata: {"x":2}\n\n'
+                                    b": ping\r\n\r\n"),
+            ("CRLF data, LF pings", b"data: a\r\n\r\n: ping\n\ndata: b\r\n\r\n"),
+            ("every mix", b"data: a\n\r\n: ping\r\n\r\ndata: b\r\rdata: c\r\n\ndata: d\r\r\n"),
+            ("three LF", b"data: a\n\n\ndata: b\n\n"),
+            ("runs of line ends", b"data: a\r\n\r\n\r\n\r\ndata: b\n\n\n\ndata: c\r\r\r\r"),
+            ("CR CR LF", b"a\r\r\nb\r\n\r\r\n\ndata: c\n\r\r\n"),
+            ("comment-only events", b": ping\n\n: ping\r\n\r\n:\n\n"),
+            ("multi-line event", b"event: x\ndata: 1\ndata: 2\nid: 3\nretry: 10\n\n"),
+            ("unfinished last event", b"data: a\n\ndata: b\n"),
+            ("ends in CR", b"data: a\n\ndata: b\r"),
+            ("ends in CR CR", b"data: a\r\r"),
+            ("ends in LF CR", b"data: a\n\r"),
+            ("ends in CRLF CR", b"data: a\r\n\r"),
+            ("an OpenAI stream", chat),
+            ("nothing", b""),
+        ]
+
+    @classmethod
+    def upstream_corpus(cls):
+        """Named upstream responses to a streaming request."""
+        nd = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n" \
+             b"Transfer-Encoding: chunked\r\n\r\n"
+        sse = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n" \
+              b"Transfer-Encoding: chunked\r\n\r\n"
+        lines = cls.ollama_ndjson(5).splitlines(True)
+        per_line = b"".join(b"%x\r\n%s\r\n" % (len(x), x) for x in lines) + b"0\r\n\r\n"
+        joined = b"".join(lines)
+        regrouped = b"".join(b"%x\r\n%s\r\n" % (len(joined[a:a + 37]), joined[a:a + 37])
+                             for a in range(0, len(joined), 37)) + b"0\r\n\r\n"
+        events = b"data: a\r\n\r\n: ping\r\n\r\ndata: b\n\n"
+        return [
+            ("NDJSON, a line per chunk", nd + per_line),
+            ("NDJSON, chunks across lines", nd + regrouped),
+            ("103, then NDJSON", b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + nd + per_line),
+            ("SSE across chunks", sse + b"9\r\ndata: a\r\n\r\n12\r\n\r\n: ping\r\n\r\ndata: b"
+                                        b"\n\n\r\n0\r\n\r\n"),
+            ("SSE, close-delimited",
+             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n" + events),
+            ("JSON with a length", b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                   b"Content-Length: 11\r\n\r\n{\"a\":\"b\"}\n\n"),
+            ("bad framing mid-stream", nd + b"8\r\n{\"a\":1}\n\r\n5\r\n{\"b\":2}\n\r\n"),
+            ("cut short", nd + per_line[:-30]),
+            ("an unframed chunked body, cut short", b"HTTP/1.1 200 OK\r\nContent-Type: x\r\n"
+             b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n3\r\nab"),
+        ]
+
+    # ==================================================================== heads
+
+    def test_read_head_splits(self):
+        """read_head takes the same heads, and leaves the same bytes, however split."""
+        for name, data in self.request_corpus():
+            if len(data) > 1000:  # a long body is no head: the rest of the corpus will do
+                continue
+            with self.subTest(case=name):
+                self.check_splits(name, data, self.take_heads)
+
+    def test_head_limit_splits(self):
+        """The head size limit holds whole and split (MAX_HEAD made small to go byte by byte)."""
+        with mock.patch.object(qlite, "MAX_HEAD", self.SMALL_HEAD):
+            for name, data, fits in self.head_limit_corpus(self.SMALL_HEAD):
+                with self.subTest(case=name):
+                    result = self.check_splits(name, data, self.read_requests)
+                    self.assertEqual(fits, result[-1][0] != "error", self.show(result))
+                    self.assertEqual(fits, self.take_heads([data])[-1][0] != "error")
+            self.assertEqual(self.take_response_head([self.head_at_limit(self.SMALL_HEAD, 1)]),
+                             ("error", 502))
+            got = self.read_requests([self.head_at_limit(self.SMALL_HEAD)])
+            self.assertEqual(got[0][:2], ("POST", "/api/generate"))
+            self.assertEqual(self.read_requests([self.head_at_limit(self.SMALL_HEAD, 1)]),
+                             [("error", 431)])
+
+    def test_head_limit_splits_at_full_size(self):
+        """The real MAX_HEAD holds whole and split (strided splits: these heads are long)."""
+        limit = qlite.MAX_HEAD
+        for name, data, fits in self.head_limit_corpus(limit)[:4]:
+            with self.subTest(case=name):
+                result = self.check_splits(name, data, self.read_requests, two_way_max=0,
+                                           random_splits=20, few=True)
+                self.assertEqual(result[-1] if not fits else result[0][:2],
+                                 ("error", 431) if not fits else ("POST", "/api/generate"))
+
+    def test_read_response_head_splits(self):
+        """Reading a response head drops the same interim heads and keeps the body, however split."""
+        for name, data in self.response_corpus():
+            with self.subTest(case=name):
+                self.check_splits(name, data, self.take_response_head)
+        limit, ok = self.SMALL_HEAD, b"HTTP/1.1 200 OK"
+        early = b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+        with mock.patch.object(qlite, "MAX_HEAD", limit):
+            for name, data, fits in (
+                    ("a final head exactly at the limit",
+                     early + self.head_at_limit(limit, 0, first=ok), True),
+                    ("a final head one byte past the limit",
+                     early + self.head_at_limit(limit, 1, first=ok), False),
+                    ("bare LF, exactly at the limit",
+                     early + self.head_at_limit(limit, 0, b"\n", ok), True),
+                    ("bare LF, one byte past the limit",
+                     early + self.head_at_limit(limit, 1, b"\n", ok), False),
+                    ("an interim head one byte past the limit",
+                     self.head_at_limit(limit, 1, first=b"HTTP/1.1 103 Early Hints")
+                     + self.head_at_limit(limit, 0, first=ok), False),
+                    ("an unended final head as long as the limit",
+                     early + self.head_at_limit(limit, 0, first=ok)[:-4] + b"abcd", False)):
+                with self.subTest(case=name):
+                    result = self.check_splits(name, data, self.take_response_head)
+                    self.assertEqual(fits, result != ("error", 502), self.show(result))
+
+    def test_read_response_head_examples(self):
+        """Interim heads are dropped, the final head is kept whole, the body stays in buf."""
+        corpus = dict(self.response_corpus())
+        head, rest = self.take_response_head([corpus["100, 102 and 103"]])
+        self.assertEqual(head, b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                               b"Transfer-Encoding: chunked")
+        self.assertEqual(rest, b"d\r\n{\"done\":true}\n\r\n0\r\n\r\n")
+        self.assertEqual(self.take_response_head([corpus["bare LF heads"]]),
+                         (b"HTTP/1.1 200 OK\nContent-Length: 2", b"ok"))
+        self.assertEqual(self.take_response_head([corpus["an interim head only"]]), (None, b""))
+        self.assertEqual(self.take_response_head([corpus["a body that looks like heads"]])[1],
+                         b"HTTP/1.1 103 Early Hints\r\n\r\n\r\n\r\nHTTP/1.1")
+
+    # ==================================================================== request streams
+
+    def test_request_stream_splits(self):
+        """A client's request stream gives the same requests, errors and leftovers however split."""
+        for name, data in self.request_corpus():
+            with self.subTest(case=name):
+                self.check_splits(name, data, self.read_requests)
+
+    def test_request_stream_examples(self):
+        """What some request streams give, pinned."""
+        corpus = dict(self.request_corpus())
+        get, done = ("GET", "/api/tags", b""), [("half-read", None), ("left in buf", b"")]
+        self.assertEqual(self.read_requests([corpus["trailer, CRLF"]]),
+                         [("POST", "/api/generate", b""), get] + done)
+        self.assertEqual(self.read_requests([corpus["trailers, bare LF"]]),
+                         [("POST", "/api/chat", b"hello"), get] + done)
+        self.assertEqual(self.read_requests([corpus["a stray CRLF between requests"]]),
+                         [get, get] + done)
+        self.assertEqual(self.read_requests([corpus["a run of CRLF, LF and CR before"]]),
+                         [get] + done)
+        self.assertEqual(self.read_requests([corpus["thousands of leading zeros"]]),
+                         [("POST", "/api/chat", b"hello"), get] + done)
+        self.assertEqual(self.read_requests([corpus["chunk data that looks like framing"]]),
+                         [("POST", "/api/chat", b"0\r\n\r\nGET "), get] + done)
+        self.assertEqual(self.read_requests([corpus["Content-Length body that looks like a head"]]),
+                         [("POST", "/api/generate", b"GET / HTTP/1.1\r\n\r\n\r\n\r\n"), get] + done)
+        for name, status in (("a 2,000-byte extension", 400), ("size of 16 hex digits", 400),
+                             ("a chunk longer than its size", 400), ("bad size: empty line", 400),
+                             ("a chunk line one byte past the limit", 400),
+                             ("size of 15 hex digits", 413), ("chunks over max_body", 413),
+                             ("Content-Length over max_body", 413),
+                             ("unsupported version after a request", 505)):
+            self.assertEqual(self.read_requests([corpus[name]])[-1], ("error", status), name)
+        self.assertEqual(self.read_requests([corpus["a chunk line at the limit"]])[0][2], b"hello")
+        self.assertEqual(self.read_requests([corpus["a chunk size left half-read"]])[-2:],
+                         [("half-read", ("POST", "/api/chat", b"hello")), ("left in buf", b"0")])
+        self.assertEqual(self.read_requests([corpus["bytes after the body: part of a head"]])[-1],
+                         ("left in buf", b"GET /api/t"))
+
+    # ==================================================================== chunked bodies
+
+    def chunked_corpus(self):
+        """Chunked bodies (what follows a head), with bytes after the end of the body."""
+        after = b"HTTP/1.1 200 OK\r\n"
+        bodies = [(name, data[data.index(b"\r\n\r\n") + 4:])
+                  for name, data in self.request_corpus() if b"Transfer-Encoding: chunked" in data]
+        lines = self.ollama_ndjson(8).splitlines(True)
+        ollama = b"".join(b"%x\r\n%s\r\n" % (len(x), x) for x in lines) + b"0\r\n\r\n"
+        return bodies + [
+            ("an Ollama stream, then bytes", ollama + after),
+            ("the last chunk, then bytes", b"0\r\n\r\n" + after),
+            ("bad framing after data", b"5\r\nhello\r\n3\r\nabcdef\r\n0\r\n\r\n"),
+            ("zeros then the last chunk, then bytes", b"0" * 1500 + b"\r\n\r\n" + after),
+        ]
+
+    def test_chunked_reader_splits(self):
+        """ChunkedReader decodes the same bytes and ends the same way however split."""
+        for name, data in self.chunked_corpus():
+            for limit in (None, self.MAX_BODY):
+                if limit and self.decode_chunked([data], limit) == self.decode_chunked([data]):
+                    continue  # the limit does not matter here: checked without it already
+                with self.subTest(case=name, limit=limit):
+                    self.check_splits("%s (limit %s)" % (name, limit), data,
+                                      lambda pieces: self.decode_chunked(pieces, limit))
+
+    def test_chunked_reader_examples(self):
+        """What some chunked bodies decode to, pinned."""
+        after = b"GET / HTTP/1.1\r\n"
+        self.assertEqual(self.decode_chunked([b"0" * 3000 + b"5\r\nhello\r\n0\r\n\r\n" + after]),
+                         (b"hello", True, after))
+        self.assertEqual(self.decode_chunked([b"0000000005\r\nabcde\r\n0000\r\n\r\n"]),
+                         (b"abcde", True, b""))
+        self.assertEqual(self.decode_chunked([b"5;" + b"x" * 2000 + b"\r\nhello\r\n0\r\n\r\n"]),
+                         (b"", ("error", 400)))
+        self.assertEqual(self.decode_chunked([b"5\r\nhello\r\n3\r\nabcdef\r\n"]),
+                         (b"helloabc", ("error", 400)))
+        self.assertEqual(self.decode_chunked([b"1000000000000000\r\n"]), (b"", ("error", 400)))
+        self.assertEqual(self.decode_chunked([b"fffffffffffffff\r\n"], 64), (b"", ("error", 413)))
+        self.assertEqual(self.decode_chunked([b"5\nhello\n0\nA: 1\r\nB: 2\n\r\n" + after]),
+                         (b"hello", True, after))
+        self.assertEqual(self.decode_chunked([b"5\r\nhel"]), (b"hel", False, b""))
+
+    # ==================================================================== the Framer
+
+    def check_framer(self, kind, corpus):
+        """Chunks equal however split; payloads add up to the input; end("boom") ends it."""
+        for name, data in corpus:
+            with self.subTest(case=name):
+                clean, failed = self.check_splits(
+                    name, data, lambda pieces: self.frame(pieces, kind))
+                self.assertIsInstance(clean, tuple, clean)
+                chunks, ended = clean
+                self.assertTrue(ended, "no last chunk")
+                self.assertEqual(b"".join(chunks), data, "payloads differ from the input")
+                self.assertIsInstance(failed, tuple, failed)
+                self.assertTrue(failed[1], "no last chunk after end(error)")
+                kept, error = failed[0][:-1], failed[0][-1]
+                self.assertIn(b'"boom"', error)
+                self.assertIn(kept, (chunks, chunks[:-1]), "end(error) changed earlier chunks")
+
+    def test_framer_ndjson_splits(self):
+        """NDJSON goes out one chunk per line, the same chunks however split."""
+        self.check_framer(self.NDJSON, self.ndjson_corpus())
+
+    def test_framer_sse_splits(self):
+        """SSE goes out one chunk per event, the same chunks however split."""
+        self.check_framer(self.SSE, self.sse_corpus())
+
+    def test_framer_unframed_splits(self):
+        """Without a kind each read is one chunk; the bytes add up, and end(error) cuts it."""
+        for name, data in self.ndjson_corpus() + self.sse_corpus():
+            with self.subTest(case=name):
+                payload, follows_reads, tail = self.check_splits(
+                    name, data, lambda pieces: self.frame(pieces, None))
+                self.assertEqual(payload, data)
+                self.assertTrue(follows_reads)
+                self.assertIsNone(tail)
+                raw = qlite.Framer(False)
+                self.assertEqual(b"".join(raw.frame(p) for p in self.pieces(data, [3, 5])),
+                                 data)
+                self.assertEqual(raw.end(), b"")
+
+    def test_framer_examples(self):
+        """What some bodies are framed into, pinned."""
+        def chunks(kind, data, error=None):
+            """The chunks data is framed into, fed whole."""
+            framer = qlite.Framer(True, kind)
+            return self.dechunk(framer.frame(data) + framer.end(error))[0]
+        self.assertEqual(chunks(self.SSE, b"data: a\r\n\r\n: ping\r\n\r\ndata: b\n\n"),
+                         [b"data: a\r\n\r\n", b": ping\r\n\r\n", b"data: b\n\n"])
+        self.assertEqual(chunks(self.SSE, b"data: a\r\rdata: b\n\r\n"),
+                         [b"data: a\r\r", b"data: b\n\r\n"])
+        three = chunks(self.SSE, b"data: a\n\n\ndata: b\n\n")
+        self.assertEqual((len(three), three[0]), (2, b"data: a\n\n"))
+        self.assertEqual(chunks(self.NDJSON, b'{"a":1}\r\n\n{"b":2}\n'),
+                         [b'{"a":1}\r\n', b"\n", b'{"b":2}\n'])
+        self.assertEqual(chunks(self.NDJSON, b'{"a":1}\n{"b"', "boom"),
+                         [b'{"a":1}\n', b'{"error": "boom"}\n'])
+        self.assertEqual(chunks(self.SSE, b"data: a\n\ndata: b", "boom"),
+                         [b"data: a\n\n",
+                          b'data: {"error": {"message": "boom", "type": "api_error"}}\n\n'])
+        self.assertEqual(chunks(self.NDJSON, b'{"a":1}\n{"b"'), [b'{"a":1}\n', b'{"b"'])
+        self.assertIsNone(qlite.Framer(True, None).end("boom"))
+        framer = qlite.Framer(True, self.SSE)  # a CR at the end of a read waits for the next byte
+        self.assertEqual(framer.frame(b"data: a\r\n\r"), b"")
+        self.assertEqual(framer.frame(b"\n"), b"b\r\ndata: a\r\n\r\n\r\n")
+
+    def test_framer_long_records(self):
+        """Over-long records go out in pieces; the bytes add up and other records stay whole."""
+        small = 32  # MAX_RECORD while this runs
+        for kind, name, data in (
+                (self.NDJSON, "an over-long line among short ones",
+                 b'{"a":1}\n{"long":"' + b"x" * 100 + b'"}\r\n{"b":2}\n\n{"c":3}\n' + b"y" * 80),
+                (self.SSE, "an over-long event among short ones",
+                 b"data: a\n\ndata: " + b"y" * 100 + b"\r\n\r\ndata: b\n\n: ping\r\n\r\n"
+                 b"data: " + b"z" * 70 + b"\n\ndata: c\r\r"),
+                # fails at the time of writing: a line that a lone CR ends waits for a later LF,
+                # and an over-long line that comes first takes it along in its first piece
+                (self.NDJSON, "a line ended by a lone CR, then an over-long line",
+                 b'{"a":1}\r' + b"b" * 40 + b'\n{"c":3}\n')):
+            whole = self.frame([data], kind)[0][0]  # the records, with the real MAX_RECORD
+            ends = [sum(map(len, whole[:i + 1])) for i in range(len(whole))]
+            long_records = [(end - len(r), end) for r, end in zip(whole, ends) if len(r) > small]
+
+            def check(pieces, kind=kind, ends=ends, long_records=long_records):
+                """The payload, or how the chunk boundaries break the rule."""
+                (got, ended), _ = self.frame(pieces, kind)
+                cuts = {sum(map(len, got[:i + 1])) for i in range(len(got))}
+                for end in ends:  # the end of an over-long record may move into its line ends
+                    if end not in cuts and not any(e == end and cuts & set(range(e - 3, e))
+                                                   for _, e in long_records):
+                        return "record end %d is no chunk boundary" % end
+                for cut in cuts - set(ends):
+                    if not any(a < cut < e for a, e in long_records):
+                        return "chunk boundary %d inside a short record" % cut
+                return b"".join(got), ended
+
+            with mock.patch.object(qlite, "MAX_RECORD", small), self.subTest(case=name):
+                self.assertEqual(self.check_splits(name, data, check), (data, True))
+                bytewise = self.frame(self.pieces(data, range(1, len(data))), kind)[0][0]
+                self.assertLessEqual(max(map(len, bytewise)), small + 1, "memory is not bounded")
+        for kind, error in ((self.NDJSON, b'\n{"error": "boom"}\n'), (self.SSE, b"\n\ndata: {")):
+            with mock.patch.object(qlite, "MAX_RECORD", small), self.subTest(kind=kind):
+                framer = qlite.Framer(True, kind)  # an over-long record cut short by an error
+                chunks = self.dechunk(framer.frame(b"data: " + b"q" * 40) + framer.end("boom"))
+                self.assertEqual(chunks[0][0], b"data: " + b"q" * 40)
+                self.assertTrue(chunks[0][1].startswith(error), chunks)
+
+    # ==================================================================== upstream relay
+
+    def test_upstream_relay_splits(self):
+        """An upstream response reaches the client the same way however split."""
+        for name, data in self.upstream_corpus():
+            with self.subTest(case=name):
+                self.check_splits(name, data, self.relay)
+
+    def test_upstream_relay_examples(self):
+        """Ollama's chunking does not show: a line per chunk whatever chunks it came in."""
+        corpus = dict(self.upstream_corpus())
+        head, chunks, cut = self.relay([corpus["NDJSON, a line per chunk"]])
+        self.assertEqual((head, chunks, cut), self.relay([corpus["NDJSON, chunks across lines"]]))
+        self.assertEqual(chunks, (self.ollama_ndjson(5).splitlines(True), True))
+        self.assertEqual(self.relay([corpus["103, then NDJSON"]]), (head, chunks, cut))
+        self.assertEqual(self.relay([corpus["SSE, close-delimited"]])[1],
+                         ([b"data: a\r\n\r\n", b": ping\r\n\r\n", b"data: b\n\n"], True))
+        chunks = self.relay([corpus["bad framing mid-stream"]])[1][0]
+        self.assertEqual(chunks[0], b'{"a":1}\n')
+        self.assertIn(b"chunk", chunks[-1])
+        self.assertEqual(self.relay([corpus["an unframed chunked body, cut short"]])[1:],
+                         ((b"helloab", False), True))
 
 
 # ======================================================================== command line and signals
@@ -1554,6 +2396,13 @@ class HostileInputTest(GatewayCase):
             with self.subTest(target=target):
                 self.assert_refused(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % target, 400)
 
+    def test_http10_with_transfer_encoding_is_faulty_and_expect_is_ignored(self):
+        self.assert_refused(b"POST /echo HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"
+                            b"2\r\n{}\r\n0\r\n\r\n", 400)
+        reply = raw_exchange(self.gw.port, b"POST /echo HTTP/1.0\r\nExpect: 100-continue\r\n"
+                                           b"Content-Length: 2\r\n\r\n{}")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply[:40])
+
     def test_http11_needs_exactly_one_host(self):
         self.assert_refused(b"GET /api/tags HTTP/1.1\r\n\r\n", 400)
         self.assert_refused(b"GET /api/tags HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400)
@@ -1677,18 +2526,18 @@ class FloodTest(GatewayCase):
                                  stdout=subprocess.PIPE, text=True)  # its own process and GIL
         self.addCleanup(flood.wait)
         self.addCleanup(flood.kill)
-        self.assertEqual(flood.stdout.readline(), "flooding\n")
+        said, port = flood.stdout.readline().split()
+        self.assertEqual(said, "flooding")
+        self.assertTrue(holds_connection(self.gw.proc.pid, self.gw.port, int(port)))
         r = self.conn().request("POST", "/api/generate", {"n": 5})  # others are still served
         self.assertEqual(len(r.chunks), 6)
 
-        def cut_off():
+        def cut_off():  # the kernel may keep trying to deliver: what counts is Q-Lite let go
             peak[0] = max(peak[0], rss_kib(self.gw.proc.pid))
-            return flood.poll() is not None
-        wait_for(cut_off, timeout=30, message="the flood cut after --client-timeout stalled")
-        sent = int(flood.stdout.read().split()[1])
+            return not holds_connection(self.gw.proc.pid, self.gw.port, int(port))
+        wait_for(cut_off, timeout=TIMEOUT, message="the flood cut after --client-timeout")
         flood.stdout.close()
-        self.assertGreater(sent, 1 << 20)
-        self.assertLess(peak[0] - base, 4 * 1024, "grew %d KiB" % (peak[0] - base))
+        self.assertLess(peak[0] - base, 2 * 1024, "grew %d KiB" % (peak[0] - base))
 
 
 FLOOD = """
@@ -1698,12 +2547,12 @@ s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
 sent, said = 0, False
 try:
     while True:  # pipelined requests, never a byte read
-        sent += s.send(b"GET /qlite/health HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n" * 500)
+        sent += s.send(b"GET /qlite/metrics HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n" * 500)
         if sent > 1 << 20 and not said:
-            print("flooding", flush=True)
+            print("flooding", s.getsockname()[1], flush=True)
             said = True
 except OSError:
-    print("cut", sent, flush=True)
+    pass
 """
 
 
