@@ -24,7 +24,7 @@ MAX_TARGET = 8 * 1024       # 414 beyond
 MAX_CHUNK_LINE = 1024       # a chunk-size or trailer line; 400 beyond
 MAX_RECORD = 1024 * 1024    # a longer NDJSON line or SSE event is forwarded in pieces
 HIGH_WATER = 256 * 1024     # unsent output above which nothing more is read for that client
-READ_SIZE = 64 * 1024
+READ_SIZE = 256 * 1024
 CONNECT_TIMEOUT = 10.0      # a dead upstream host must not hold a slot for the whole timeout
 PROBE_EVERY = 1.0           # how often a bare connect tells whether Ollama can be reached
 LINGER = 2.0                # after our last byte, how long a client may go on sending
@@ -33,8 +33,8 @@ TICK = 0.25                 # deadline sweep period
 HOP_BY_HOP = {"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"}
 NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect"}
 ADMIN_PATHS = {"/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete"}
-LIGHT = {"GET /", "HEAD /", "GET /api/tags", "GET /api/ps", "GET /api/version",
-         "POST /api/show", "GET /v1/models"}  # cost Ollama nothing: no generation slot
+# requests that only ask what Ollama has: they cost it nothing and take no generation slot
+LIGHT = re.compile(r"(GET|HEAD) /|GET /api/(tags|ps|version)|POST /api/show|GET /v1/models(/.+)?")
 TTFB_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 NDJSON = "application/x-ndjson"
 RECORDS = {  # media type: what ends a record cut short, and the error record that ends a stream
@@ -89,7 +89,7 @@ HEAD_END = re.compile(rb"\n\r?\n")  # a literal first byte: 35 times faster to s
 INTERIM = re.compile(rb"HTTP/1\.\d 1\d\d\b")  # 1xx: 103 Early Hints, 102 Processing
 LEADING_ZEROS = re.compile(rb"0*(?=0)")
 ABSOLUTE_FORM = re.compile(r"http://(\[[0-9A-Fa-f:.]+\]|[^/?#\[\]@]*)", re.IGNORECASE)
-CHUNK_SIZE = re.compile(rb"0?([0-9a-fA-F]{1,15})[ \t]*(;.*)?\Z")
+HEX_DIGITS = b"0123456789abcdefABCDEF"
 EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")  # a line end, then an empty line
 
 class ProtocolError(Exception):
@@ -193,29 +193,30 @@ class ChunkedReader:
                     pos, self.left = pos + len(out[-1]), self.left - len(out[-1])
                     if self.left:
                         break
-                if buf.startswith(b"00", pos):  # leading zeros may be any number: keep one
-                    pos = LEADING_ZEROS.match(buf, pos).end()
                 eol = buf.find(b"\n", pos, pos + MAX_CHUNK_LINE + 1)
                 if eol < 0 and len(buf) - pos > MAX_CHUNK_LINE:
-                    raise ProtocolError(400, "chunk line over %d bytes" % MAX_CHUNK_LINE)
+                    if not buf.startswith(b"00", pos):
+                        raise ProtocolError(400, "chunk line over %d bytes" % MAX_CHUNK_LINE)
+                    pos = LEADING_ZEROS.match(buf, pos).end()  # any number of leading zeros
+                    continue  # is valid: keep one, and look again
                 if eol < 0:
                     break
-                line, pos = buf[pos:eol].removesuffix(b"\r"), eol + 1
+                line, pos = buf[pos:eol], eol + 1  # it may end in CR, before the LF
                 if self.due == "size":
-                    size = CHUNK_SIZE.match(line)
-                    if not size:
+                    size = line.split(b";", 1)[0].removesuffix(b"\r").rstrip(b" \t")
+                    if not size or size.strip(HEX_DIGITS) or len(size.lstrip(b"0")) > 15:
                         raise ProtocolError(400, "bad chunk size")
-                    self.left = int(size.group(1), 16)
+                    self.left = int(size, 16)
                     self.size += self.left
                     if self.limit is not None and self.size > self.limit:
                         raise ProtocolError(413, "request body larger than %d bytes" % self.limit)
                     self.due = "end" if self.left else "trailer"
                 elif self.due == "end":  # the line end after a chunk's data
-                    if line:
+                    if line not in (b"", b"\r"):
                         raise ProtocolError(400, "chunk longer than its size")
                     self.due = "size"
                 else:  # trailer fields are not forwarded; an empty line ends them
-                    self.done = not line
+                    self.done = line in (b"", b"\r")
         except ProtocolError as e:
             e.decoded = b"".join(out)
             raise
@@ -225,6 +226,8 @@ class ChunkedReader:
 
 def chunks(records):
     """Each record as one chunk of a chunked body (records must not be empty)."""
+    if len(records) == 1:  # one token: the most frequent case, and the cheapest
+        return b"%x\r\n%s\r\n" % (len(records[0]), records[0])
     pieces = [b"\r\n"] * (3 * len(records))
     pieces[0::3] = [b"%x\r\n" % len(r) for r in records]
     pieces[1::3] = records
@@ -323,16 +326,13 @@ def parse_response_head(head, method):
 
 class Connection:
     """A non-blocking socket owned by the loop: derived interest, buffered send, one deadline."""
+    client = upstream = None  # the two ends of an exchange, where this is one of them
     def __init__(self, gw, sock):  # a subclass first sets what its wants() reads
         self.gw, self.sock, self.events, self.outbuf = gw, sock, 0, bytearray()
-        self.deadline, self.sent = time.monotonic() + self.patience, 0  # the first wait
+        self.deadline, self.sent, self.closed = time.monotonic() + self.patience, 0, False
         sock.setblocking(False)
         gw.conns.add(self)
         self.update()
-
-    @property
-    def closed(self):
-        return self not in self.gw.conns
 
     def update(self):
         """Register the events wants() derives from the state: the one caller of the selector."""
@@ -359,9 +359,8 @@ class Connection:
 
     def send(self, data=b""):
         """Queue data and send what the socket takes now; the deadline moves only on progress."""
-        waiting = bool(self.outbuf)
+        waiting, self.sent = bool(self.outbuf), self.sent + len(data)
         self.outbuf += data
-        self.sent += len(data)
         try:
             sent = self.sock.send(self.outbuf) if self.outbuf else 0
         except BlockingIOError:
@@ -377,6 +376,7 @@ class Connection:
     def close(self):
         """Unregister, then close; closing twice is harmless."""
         if not self.closed:
+            self.closed = True
             self.gw.conns.discard(self)
             self.update()  # closed, it wants nothing: unregistered before the socket closes
             self.sock.close()
@@ -455,8 +455,7 @@ class Client(Connection):
         gw, req = self.gw, self.request
         if req.path.startswith("/qlite/"):  # our own endpoints are never forwarded
             return self.respond(*gw.own_endpoint(req))
-        kind = "light" if "%s %s" % (req.method, req.path) in LIGHT or (
-            req.method == "GET" and req.path.startswith("/v1/models/")) else "active"
+        kind = "light" if LIGHT.fullmatch("%s %s" % (req.method, req.path)) else "active"
         if gw.slots[kind] >= gw.args.max_active:
             gw.counters["rejected"] += 1
             return self.respond(503, "all slots are busy, retry shortly", extra=RETRY_SOON)
@@ -726,12 +725,13 @@ class Gateway(Connection):
 
     def call(self, conn, callback, *args):
         """Run one callback; whatever it raises ends that exchange only, never the loop."""
-        client = getattr(conn, "client", conn)  # an upstream's exchange is its client's
+        client = conn.client or conn  # an upstream's exchange is its client's
         try:
             if not conn.closed:
                 callback(*args)
-            for each in filter(None, (conn, client, getattr(client, "upstream", None))):
-                each.update()
+            client.update()  # (an upstream that ran is its client's, or done with)
+            if client.upstream:
+                client.upstream.update()
         except Exception:
             traceback.print_exc()
             if client is not self:
