@@ -767,6 +767,7 @@ class Gateway(Connection):
                 Probe(self)
 
     def on_signal(self, signum, frame):
+        """The first signal drains, a second one exits at once."""
         if self.stop_requested:
             raise SystemExit(1)  # a second signal: stop now
         self.stop_requested = True  # the next sweep drains; new connections are refused now
