@@ -34,7 +34,8 @@ HOP_BY_HOP = {"connection", "keep-alive", "te", "trailer", "transfer-encoding", 
 NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect"}
 ADMIN_PATHS = {"/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete"}
 # requests that only ask what Ollama has: they cost it nothing and take no generation slot
-LIGHT = re.compile(r"(GET|HEAD) /|GET /api/(tags|ps|version)|POST /api/show|GET /v1/models(/.+)?")
+LIGHT = re.compile(r"(GET|HEAD) /|GET /api/(tags|ps|version)|POST /api/show|GET /v1/models(/.+)?"
+                   r"|OPTIONS .*")  # a CORS preflight too: Ollama answers it at once
 TTFB_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 NDJSON = "application/x-ndjson"
 RECORDS = {  # media type: what ends a record cut short, and the error record that ends a stream
@@ -49,7 +50,7 @@ def parse_upstream(value):
     if url.scheme != "http" or not url.hostname or url.path not in ("", "/") or url.query \
             or url.fragment or url.username:
         raise ValueError("upstream must look like http://host[:port], got %r" % value)
-    return url.hostname, url.port or 11434  # url.port: ValueError when not a number
+    return url.hostname, 11434 if url.port is None else url.port  # ValueError: not a number
 
 def parse_args(argv=None):
     """The command line; a mistake is one clear line and exit status 2."""
@@ -89,7 +90,6 @@ HEAD_END = re.compile(rb"\n\r?\n")  # a literal first byte: 35 times faster to s
 INTERIM = re.compile(rb"HTTP/1\.\d 1\d\d\b")  # 1xx: 103 Early Hints, 102 Processing
 LEADING_ZEROS = re.compile(rb"0*(?=0)")
 ABSOLUTE_FORM = re.compile(r"http://(\[[0-9A-Fa-f:.]+\]|[^/?#\[\]@]*)", re.IGNORECASE)
-HEX_DIGITS = b"0123456789abcdefABCDEF"
 EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")  # a line end, then an empty line
 
 class ProtocolError(Exception):
@@ -98,15 +98,15 @@ class ProtocolError(Exception):
         super().__init__(message)  # decoded: body bytes before bad framing still go out
         self.status, self.headers, self.decoded = status, headers, b""
 
-def response_head(status, reason, headers):
-    """A response head from a status line and (name, value) pairs."""
-    lines = ["HTTP/1.1 %d %s" % (status, reason)] + ["%s: %s" % h for h in headers]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+def response_head(status, headers):
+    """A response head, with our own reason phrase, from a status and (name, value) pairs."""
+    lines = ["HTTP/1.1 %d %s" % (status, http.client.responses.get(status, ""))]
+    return ("\r\n".join(lines + ["%s: %s" % h for h in headers]) + "\r\n\r\n").encode("latin-1")
 
-def read_head(buf, too_large=431):
-    """Take a message head from the front of buf, or None while it is incomplete."""
+def read_head(buf, start=0, too_large=431):
+    """Take a message head from the front of buf, or None; search from near start (no rescan)."""
     del buf[:EMPTY_LINES.match(buf).end()]  # RFC 9112, 2.2; lines may end in a bare LF (nc)
-    end = HEAD_END.search(buf, 0, MAX_HEAD)
+    end = HEAD_END.search(buf, max(0, start - 2), MAX_HEAD)
     if end is None:
         if len(buf) >= MAX_HEAD:
             raise ProtocolError(too_large, "message head over %d bytes" % MAX_HEAD)
@@ -160,9 +160,6 @@ class Request:
             raise ProtocolError(413, "request body larger than %d bytes" % max_body)
         self.body = ChunkedReader(max_body) if codings else LengthReader(int(length))
 
-    def header(self, name):
-        return self.fields.get(name, [""])[0]
-
 class LengthReader:
     """Reads a body of known length (None: until the connection closes) from a buffer."""
     def __init__(self, length):
@@ -204,7 +201,8 @@ class ChunkedReader:
                 line, pos = buf[pos:eol], eol + 1  # it may end in CR, before the LF
                 if self.due == "size":
                     size = line.split(b";", 1)[0].removesuffix(b"\r").rstrip(b" \t")
-                    if not size or size.strip(HEX_DIGITS) or len(size.lstrip(b"0")) > 15:
+                    if not size or size.strip(b"0123456789abcdefABCDEF") \
+                            or len(size.lstrip(b"0")) > 15:
                         raise ProtocolError(400, "bad chunk size")
                     self.left = int(size, 16)
                     self.size += self.left
@@ -268,17 +266,17 @@ class Framer:
             return b""
         tail = self.frame(b"", final=True)
         if error:  # what is left of an unfinished record is dropped
-            separator, template = RECORDS[self.kind]
-            self.partial = template % json.dumps(error).encode()
-            self.partial = separator + self.partial if self.broken else self.partial
+            sep, template = RECORDS[self.kind]
+            self.partial = (sep if self.broken else b"") + template % json.dumps(error).encode()
         return tail + (chunks([self.partial]) if self.partial else b"") + b"0\r\n\r\n"
 
 def plan_response(resp, req):
-    """The client's head and framing for an upstream response: (head, framer)."""
+    """How to read an upstream response and what the client gets: (head, reader, framer)."""
     headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP_BY_HOP
                and (resp.length is not None or k.lower() != "content-length")]
-    framer = Framer(chunked=False)
+    framer, reader = Framer(chunked=False), LengthReader(resp.length)  # (HEAD, 204, 304: 0)
     if resp.length is None:  # not framed by length: chunks, or until the upstream closes
+        reader = ChunkedReader() if resp.chunked else reader
         headers.append(("X-Accel-Buffering", "no"))  # so an nginx in front does not buffer
         if req.version == "HTTP/1.0":
             req.keep_alive = False  # close-delimited: an HTTP/1.0 client cannot read chunks
@@ -288,7 +286,7 @@ def plan_response(resp, req):
             framer = Framer(True, kind if kind in RECORDS else None)
     if not req.keep_alive:
         headers.append(("Connection", "close"))
-    return response_head(resp.status, http.client.responses.get(resp.status, ""), headers), framer
+    return response_head(resp.status, headers), reader, framer
 
 def upstream_request(req, host, strip_authorization):
     """The request for the upstream: end-to-end headers only, its own Host, a Content-Length."""
@@ -327,8 +325,8 @@ def parse_response_head(head, method):
 class Connection:
     """A non-blocking socket owned by the loop: derived interest, buffered send, one deadline."""
     client = upstream = None  # the two ends of an exchange, where this is one of them
-    def __init__(self, gw, sock):  # a subclass first sets what its wants() reads
-        self.gw, self.sock, self.events, self.outbuf = gw, sock, 0, bytearray()
+    def __init__(self, gw, sock, out=()):  # a subclass first sets what its wants() reads
+        self.gw, self.sock, self.events, self.outbuf = gw, sock, 0, bytearray().join(out)
         self.deadline, self.sent, self.closed = time.monotonic() + self.patience, 0, False
         sock.setblocking(False)
         gw.conns.add(self)
@@ -389,12 +387,12 @@ class Client(Connection):
         self.patience = gw.args.client_timeout  # to send a whole request, to take output
         # the request being read or served, its Upstream, the status and time of its head
         self.request = self.upstream = self.status = self.first_byte = None
-        self.closing, self.more = False, False  # hang up once the output is out; see advance
+        self.closing, self.more, self.searched = False, False, 0  # see drained, advance
         super().__init__(gw, sock)
 
     def wants(self):
-        """Read unless output or pipelined input piles up; write while output waits."""
-        full = len(self.outbuf) > HIGH_WATER or len(self.inbuf) > MAX_HEAD
+        """Read unless output piles up (so a client that leaves is seen); write while it waits."""
+        full = len(self.outbuf) > HIGH_WATER  # then its stall deadline watches it
         return (0 if full else READ) | (WRITE if self.outbuf or self.more else 0)
 
     def on_event(self, mask):
@@ -404,14 +402,16 @@ class Client(Connection):
     def received(self, data):
         if not data:
             return self.close()  # the client left: close() also cancels its upstream
-        if not self.closing:  # after an error, what still comes is read and dropped
+        if len(self.inbuf) > READ_SIZE:  # more pipelined than is kept: the response under way
+            self.closing = True  # is the last; what still comes is dropped, as after an error
+        if not self.closing:
             self.inbuf += data
 
     def lost(self, error):
         self.close()
 
     def on_timeout(self, now):
-        if self.closing or self.outbuf or (self.request is None and not self.inbuf):
+        if self.closing or self.outbuf or self.more or (self.request is None and not self.inbuf):
             return self.close()  # done lingering, not taking its output, or idle
         self.respond(408, "request not received in %gs" % self.patience, close=True)
 
@@ -434,13 +434,14 @@ class Client(Connection):
                 if self.closing or self.upstream or self.outbuf:  # (WRITE resumes once it left)
                     return
                 if self.request is None:
-                    head = read_head(self.inbuf)
+                    head = read_head(self.inbuf, self.searched)
+                    self.searched = len(self.inbuf) if head is None else 0
                     if head is None:
                         return
                     self.request = req = Request(head, self.gw.args.max_body)
                     self.gw.check_access(req)  # refused before its body is read
-                    if req.header("expect").lower() == "100-continue" and not self.inbuf \
-                            and req.version == "HTTP/1.1" and not req.body.done:
+                    expects = req.fields.get("expect", [""])[0].lower() == "100-continue"
+                    if expects and req.version == "HTTP/1.1" and not (self.inbuf or req.body.done):
                         self.send(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits 1 s otherwise
                 self.request.parts.append(self.request.body.read(self.inbuf))
                 if not self.request.body.done:
@@ -461,7 +462,7 @@ class Client(Connection):
             return self.respond(503, "all slots are busy, retry shortly", extra=RETRY_SOON)
         try:
             self.upstream = Upstream(gw, self, kind, upstream_request(
-                req, gw.upstream_host, gw.args.api_key is not None))
+                req, gw.upstream_host, bool(gw.args.api_key)))
         except OSError as e:  # no descriptor left for it: refuse this request, serve on
             return self.respond(503, "cannot reach the upstream: %s" % e.strerror, extra=RETRY_SOON)
         if not self.outbuf:
@@ -479,22 +480,22 @@ class Client(Connection):
                 status, "invalid_request_error" if status < 500 else "api_error")}
             v1 = req and req.path.startswith("/v1/")
             body = json.dumps({"error": error if v1 else body}).encode()
-        close = close or req is None or not req.keep_alive
+        close = close or req is None or not req.keep_alive or self.gw.stop_requested
         headers = [("Content-Type", content_type), ("Content-Length", len(body)),
                    ("Date", time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime()))]
         headers += list(extra) + ([("Connection", "close")] if close else [])
         self.begin(status)
-        self.end_response(response_head(status, http.client.responses.get(status, ""), headers)
+        self.end_response(response_head(status, headers)
                           + (b"" if req and req.method == "HEAD" else body), close)
 
     def end_response(self, data, close=False):
         """Queue the response's last bytes (None: cut it short), log it; hang up or read on."""
-        keep = self.request and self.request.keep_alive and not self.gw.draining
+        keep = self.request and self.request.keep_alive and not self.gw.stop_requested
         self.closing, self.upstream = self.closing or close or data is None or not keep, None
         self.send(data or b"")
         if not self.closed:  # (else close() has logged it)
             self.gw.log_request(self, self.status)
-            self.request = self.status = self.first_byte = None
+            self.request, self.status, self.first_byte, self.sent = None, None, None, 0
 
     def close(self):
         """Hang up; a request under way is logged and its upstream closed (Ollama stops)."""
@@ -514,11 +515,9 @@ class Upstream(Connection):
         self.client, self.kind, self.inbuf = client, kind, bytearray()
         self.response = self.reader = self.framer = None  # once the response head is here
         self.patience = min(CONNECT_TIMEOUT, gw.args.upstream_timeout)  # to take the request
-        super().__init__(gw, socket.socket(gw.upstream_family, socket.SOCK_STREAM))
+        super().__init__(gw, socket.socket(gw.upstream_family, socket.SOCK_STREAM), wire)
         gw.slots[kind] += 1
-        for piece in wire:  # sent once writable: a refusal then fails it outside advance()
-            self.outbuf += piece
-        self.sock.connect_ex(gw.upstream_addr)
+        self.sock.connect_ex(gw.upstream_addr)  # wire leaves once writable (outside advance)
 
     def wants(self):
         """Write the request; then read, unless the client has too much unsent output."""
@@ -544,7 +543,7 @@ class Upstream(Connection):
             self.deadline = time.monotonic() + self.gw.args.upstream_timeout
             self.inbuf += data
             while self.response is None:
-                head = read_head(self.inbuf, 502)
+                head = read_head(self.inbuf, 0, 502)
                 if head is None:
                     return
                 out = self.start(head)
@@ -561,10 +560,9 @@ class Upstream(Connection):
         if INTERIM.match(head):  # an interim 1xx response (103 Early Hints) is dropped
             return b""
         req = self.client.request
+        req.keep_alive = req.keep_alive and not self.gw.stop_requested  # (the last answer)
         resp = self.response = parse_response_head(head, req.method)
-        self.reader = ChunkedReader() if resp.length is None and resp.chunked \
-            else LengthReader(resp.length)  # (http.client: HEAD, 204, 304 have no body)
-        head, self.framer = plan_response(resp, req)
+        head, self.reader, self.framer = plan_response(resp, req)
         self.gw.observe_ttfb(time.monotonic() - req.started)
         self.client.begin(resp.status)
         return head
@@ -631,8 +629,10 @@ class Gateway(Connection):
         self.draining, self.checked, self.down = 0.0, -NEVER, None  # drain end, last probe,
         # and why that probe could not reach Ollama (None: it could)
         host, port = args.upstream_host, args.upstream_port
-        self.upstream_family, *_, self.upstream_addr = socket.getaddrinfo(  # once, at start-up
-            host, port, type=socket.SOCK_STREAM)[0]
+        # resolved once, at start-up; IPv4 first: "localhost" may give ::1 first, and Ollama
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)  # is on 127.0.0.1
+        ipv4 = [info for info in infos if info[0] == socket.AF_INET]
+        self.upstream_family, *_, self.upstream_addr = (ipv4 or infos)[0]
         self.upstream_host = "%s:%d" % ("[%s]" % host if ":" in host else host, port)
         family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
         super().__init__(self, socket.create_server((args.host, args.port), family=family,
@@ -664,9 +664,9 @@ class Gateway(Connection):
         try:
             final = json.loads(line)
             if final.get("done") is True:
-                self.counters["generated_tokens"] += int(final.get("eval_count", 0))
-                self.counters["generation_seconds"] += int(final.get("eval_duration", 0)) / 1e9
-        except (ValueError, TypeError, AttributeError):
+                self.counters["generated_tokens"] += max(0, int(final.get("eval_count", 0)))
+                self.counters["generation_seconds"] += max(0, int(final["eval_duration"])) / 1e9
+        except Exception:  # whatever the line holds, a stream it ends is never cut for it
             pass
 
     def metrics_page(self):
@@ -688,8 +688,8 @@ class Gateway(Connection):
     def check_access(self, req):
         """Refuse, before reading its body, a request that the key or the admin lock forbids."""
         key = (self.args.api_key or "").encode()
-        scheme, _, token = req.header("authorization").partition(" ")
-        preflight = req.method == "OPTIONS" and req.header("access-control-request-method")
+        scheme, _, token = req.fields.get("authorization", [""])[0].partition(" ")
+        preflight = req.method == "OPTIONS" and "access-control-request-method" in req.fields
         if key and req.path != "/qlite/health" and not preflight and not (
                 scheme.lower() == "bearer"  # any case (RFC 9110, 11.1); the key itself is exact
                 and hmac.compare_digest(token.strip(" ").encode("latin-1"), key)):
@@ -704,7 +704,7 @@ class Gateway(Connection):
         if req.path not in ("/qlite/health", "/qlite/metrics"):
             return 404, "no such Q-Lite endpoint"
         if req.method not in ("GET", "HEAD"):
-            return 405, "use GET", "application/json", [("Allow", "GET")]
+            return 405, "use GET or HEAD", "application/json", [("Allow", "GET, HEAD")]
         if req.path == "/qlite/metrics":
             return 200, self.metrics_page(), "text/plain; version=0.0.4; charset=utf-8"
         status = "draining" if self.stop_requested else "down" if self.down else "ok"
@@ -757,7 +757,7 @@ class Gateway(Connection):
             self.draining = now + DRAIN  # requests in flight may run till then
             self.close()
             for conn in [c for c in self.conns if isinstance(c, Client)]:
-                if conn.request is None and not conn.outbuf:
+                if conn.request is None and not (conn.outbuf or conn.inbuf or conn.closing):
                     conn.close()
         for conn in [c for c in self.conns if now >= c.deadline]:
             self.call(conn, conn.on_timeout, now)
