@@ -209,13 +209,19 @@ def spawn_qlite(path, upstream):
     return target
 
 
-def spawn_nginx(upstream):
-    folder = tempfile.mkdtemp(prefix="qlite-bench-nginx-")
-    os.chmod(folder, 0o777)
+def write_config(name, filename, template, **values):
+    """A fresh folder and port for a peer, its configuration file written there from template."""
+    folder = tempfile.mkdtemp(prefix="qlite-bench-%s-" % name)
     port = free_port()
-    conf = os.path.join(folder, "nginx.conf")
+    conf = os.path.join(folder, filename)
     with open(conf, "w") as f:
-        f.write(NGINX_CONF % {"dir": folder, "port": port, "upstream": upstream})
+        f.write(template % dict(values, dir=folder, port=port))
+    return folder, port, conf
+
+
+def spawn_nginx(upstream):
+    folder, port, conf = write_config("nginx", "nginx.conf", NGINX_CONF, upstream=upstream)
+    os.chmod(folder, 0o777)
     target = Target("nginx", port, folder=folder)
     target.procs.append(popen([find_nginx(), "-p", folder, "-c", conf, "-g", "daemon off;"],
                               folder))
@@ -223,11 +229,7 @@ def spawn_nginx(upstream):
 
 
 def spawn_caddy(upstream):
-    folder = tempfile.mkdtemp(prefix="qlite-bench-caddy-")
-    port = free_port()
-    conf = os.path.join(folder, "Caddyfile")
-    with open(conf, "w") as f:
-        f.write(CADDYFILE % {"port": port, "upstream": upstream})
+    folder, port, conf = write_config("caddy", "Caddyfile", CADDYFILE, upstream=upstream)
     env = dict(os.environ, HOME=folder, XDG_DATA_HOME=folder, XDG_CONFIG_HOME=folder)
     target = Target("caddy", port, folder=folder)
     target.procs.append(popen([caddy_path(), "run", "--config", conf, "--adapter", "caddyfile"],
@@ -236,11 +238,8 @@ def spawn_caddy(upstream):
 
 
 def spawn_litellm(upstream):
-    folder = tempfile.mkdtemp(prefix="qlite-bench-litellm-")
-    port = free_port()
-    conf = os.path.join(folder, "config.yaml")
-    with open(conf, "w") as f:
-        f.write(LITELLM_CONFIG % {"upstream": upstream, "key": KEY})
+    folder, port, conf = write_config("litellm", "config.yaml", LITELLM_CONFIG,
+                                      upstream=upstream, key=KEY)
     # This machine may have no way out: take the model cost map LiteLLM ships instead of
     # fetching it (three tries, seconds of start-up where the network is closed).
     env = dict(os.environ, LITELLM_LOCAL_MODEL_COST_MAP="True")
