@@ -1,18 +1,22 @@
 """Q-Lite: a tiny gateway that lets many people share one Ollama server safely.
 
 One thread runs one `selectors` loop over non-blocking sockets, each a Connection: the listener
-(the Gateway itself), each client (`Client`), each request forwarded to Ollama (`Upstream`) and
-the reachability probe (`Probe`). A Connection derives the events it wants from its state,
-queues what its socket cannot take yet and has one deadline; only the loop touches the selector,
-and an error ends the exchange that raised it, never the loop. Bytes stay in their connection's
-buffer until a pure reader takes them (request heads, sized or chunked bodies, response heads),
-so the result never depends on how TCP split them. A Client answers bad input, its own endpoints
-and the 503 when every slot is busy; an Upstream has `http.client` write the request and parse
-the response head, and a Framer re-chunks the body, one chunk per NDJSON line or SSE event.
+(the Gateway itself), each client (`Client`), each connection to Ollama (`Upstream`) and the
+reachability probe (`Probe`). A Connection derives the events it wants from its state, queues
+what its socket cannot take yet and has one deadline; only the loop touches the selector, and an
+error ends the exchange that raised it, never the loop. Bytes stay in their connection's buffer
+until a pure reader takes them (request heads, sized or chunked bodies, response heads), so the
+result never depends on how TCP split them. `Access` tells who may do what: each key's person,
+their share of the slots and what they used. A Client answers bad input, its own endpoints and
+refusals (401, 403, 429, 503); an Upstream has `http.client` write each request and parse each
+response head, and a Framer re-chunks the body, one chunk per NDJSON line or SSE event. A
+connection to Ollama whose answer ended cleanly is kept for GET and HEAD requests, the only ones
+that may be sent again if Ollama closed it meanwhile.
 """
 
-import argparse, hmac, http.client, io, json, os, posixpath, re, resource, selectors, signal
-import socket, sys, time, traceback, types
+import argparse, functools, hashlib, http.client, io, json, os, posixpath, re, resource
+import selectors, signal, socket, sys, time, traceback, types
+from collections import defaultdict
 from contextlib import suppress
 from urllib.parse import unquote, urlsplit
 
@@ -21,10 +25,11 @@ from urllib.parse import unquote, urlsplit
 MAX_HEAD = 64 * 1024        # request head (431 beyond) or response head (502 beyond)
 MAX_HEADERS = 100           # 431 beyond
 MAX_TARGET = 8 * 1024       # 414 beyond
-MAX_CHUNK_LINE = 1024       # a chunk-size or trailer line; 400 beyond
+MAX_CHUNK_LINE = 1024       # a chunk-size or trailer line, every byte counted; 400 beyond
 MAX_RECORD = 1024 * 1024    # a longer NDJSON line or SSE event is forwarded in pieces
 HIGH_WATER = 256 * 1024     # unsent output above which nothing more is read for that client
-READ_SIZE = 256 * 1024
+READ_SIZE = 64 * 1024
+TAIL = 1024                 # the end of a response, where Ollama reports the tokens it counted
 CONNECT_TIMEOUT = 10.0      # a dead upstream host must not hold a slot for the whole timeout
 PROBE_EVERY = 1.0           # how often a bare connect tells whether Ollama can be reached
 LINGER = 2.0                # after our last byte, how long a client may go on sending
@@ -42,15 +47,20 @@ RECORDS = {  # media type: what ends a record cut short, and the error record th
     NDJSON: (b"\n", b'{"error": %s}\n'),
     "text/event-stream": (b"\n\n", b'data: {"error": {"message": %s, "type": "api_error"}}\n\n')}
 READ, WRITE, NEVER = selectors.EVENT_READ, selectors.EVENT_WRITE, float("inf")
-RETRY_SOON = [("Retry-After", "1")]  # with a 503 that nothing reached Ollama
+RETRY_SOON = [("Retry-After", "1")]  # with a 503 or 429 that nothing reached Ollama
+ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+               429: "rate_limit_error"}  # the OpenAI error type, on /v1/
+USE = ("requests", "active", "rejected", "prompt_tokens", "completion_tokens")  # per key
+KEY_LINE = re.compile(r"([A-Za-z0-9_.-]+)\s+([!-~]+)")  # NAME KEY: a key is printable ASCII
 
 def parse_upstream(value):
     """Read an upstream the way Ollama reads OLLAMA_HOST: host, host:port or http://host:port."""
     url = urlsplit(value if "://" in value else "http://" + value)
-    if url.scheme != "http" or not url.hostname or url.path not in ("", "/") or url.query \
-            or url.fragment or url.username:
-        raise ValueError("upstream must look like http://host[:port], got %r" % value)
-    return url.hostname, 11434 if url.port is None else url.port  # ValueError: not a number
+    with suppress(ValueError):  # (a port that is not a number)
+        if url.scheme == "http" and url.hostname and url.path in ("", "/") and not (
+                url.query or url.fragment or url.username):
+            return url.hostname, 11434 if url.port is None else url.port
+    raise argparse.ArgumentTypeError("upstream must look like http://host[:port], got %r" % value)
 
 def parse_args(argv=None):
     """The command line; a mistake is one clear line and exit status 2."""
@@ -59,38 +69,69 @@ def parse_args(argv=None):
     add("--host", default="0.0.0.0", help="address to listen on (0.0.0.0)")
     add("--port", type=int, default=8080, help="port to listen on (8080)")
     add("--upstream", default=os.environ.get("OLLAMA_HOST") or "http://127.0.0.1:11434",
-        help="Ollama's address ($OLLAMA_HOST, else http://127.0.0.1:11434)")
+        type=parse_upstream, help="Ollama's address ($OLLAMA_HOST, else http://127.0.0.1:11434)")
     add("--max-active", type=int, default=10, help="generations at once; more get 503 (10)")
     add("--client-timeout", type=float, default=30.0, help="seconds to send, idle, stall (30)")
     add("--upstream-timeout", type=float, default=600.0, help="seconds Ollama may be silent")
     add("--max-body", type=int, default=64 << 20, help="largest request body (64 MiB)")
     add("--api-key", default=os.environ.get("QLITE_API_KEY"), help="require Bearer KEY")
+    add("--keys", metavar="FILE", help="a key for each person, 'NAME KEY' a line; SIGHUP re-reads")
+    add("--max-per-key", type=int, default=0, metavar="N", help="generations per key; more: 429")
     add("--allow-admin", action="store_true", help="let clients pull, push, create, copy, delete")
     add("--quiet", action="store_true", help="no access log")
     args = p.parse_args(argv)
     for flag, ok in (("port", 0 <= args.port <= 65535), ("max-active", args.max_active > 0),
                      ("client-timeout", args.client_timeout > 0), ("max-body", args.max_body >= 0),
-                     ("upstream-timeout", args.upstream_timeout > 0)):
+                     ("upstream-timeout", args.upstream_timeout > 0),
+                     ("max-per-key", args.max_per_key >= 0)):
         if not ok:
             p.error("argument --%s: out of range" % flag)
-    try:
-        args.upstream_host, args.upstream_port = parse_upstream(args.upstream)
-    except ValueError as e:
-        p.error("argument --upstream: %s" % e)
     return args
+
+def sha256(key):
+    """A key as it is held and looked up: by its SHA-256, so a lookup tells nothing of others."""
+    return hashlib.sha256(key.encode("latin-1")).digest()
+
+def read_keys(args):
+    """The keys in force, {SHA-256: name}: --api-key's, then the file's; ValueError: FILE:LINE."""
+    keys = {sha256(args.api_key): "api-key"} if args.api_key else {}
+    try:
+        with open(args.keys or os.devnull, encoding="latin-1") as f:  # (latin-1: any byte reads)
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ValueError("cannot read %s: %s" % (args.keys, e.strerror or e))
+    for number, line in enumerate(lines, 1):
+        entry = KEY_LINE.fullmatch(line.strip())
+        if not entry and line.strip()[:1] in ("", "#"):
+            continue  # a blank line or a comment
+        problem = ("expected NAME KEY: a name of letters, digits, _ . - and a printable ASCII key"
+                   if not entry else "duplicate name %r" % entry[1] if entry[1] in keys.values()
+                   else "duplicate key" if sha256(entry[2]) in keys else None)
+        if problem:
+            raise ValueError("%s:%d: %s" % (args.keys, number, problem))
+        keys[sha256(entry[2])] = entry[1]
+    return keys
 
 
 # ================================================================================ Wire helpers
 
 TOKEN = r"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
 REQUEST_LINE = re.compile(r"(%s) (\S+) (HTTP/\d\.\d)\Z" % TOKEN)
-HEADER_LINE = re.compile(r"(%s):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*\Z" % TOKEN)
-EMPTY_LINES = re.compile(rb"[\r\n]*")
+FIELD = r"(%s):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*" % TOKEN  # a header or trailer field
+HEADER_LINE = re.compile(FIELD + r"\Z")
+EMPTY_LINES = re.compile(rb"(?:\r?\n)*")  # a lone CR is no empty line
 HEAD_END = re.compile(rb"\n\r?\n")  # a literal first byte: 35 times faster to search for
 INTERIM = re.compile(rb"HTTP/1\.\d 1\d\d\b")  # 1xx: 103 Early Hints, 102 Processing
-LEADING_ZEROS = re.compile(rb"0*(?=0)")
 ABSOLUTE_FORM = re.compile(r"http://(\[[0-9A-Fa-f:.]+\]|[^/?#\[\]@]*)", re.IGNORECASE)
 EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")  # a line end, then an empty line
+QUOTED = r'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
+EXTENSION = r"[ \t]*;[ \t]*%s(?:[ \t]*=[ \t]*(?:%s|%s))?" % (TOKEN, TOKEN, QUOTED)
+CHUNK_LINES = {due: (re.compile(rule.encode()), problem) for due, rule, problem in (  # RFC 9112
+    ("size", r"0*([0-9A-Fa-f]{1,15})(?:%s)*[ \t]*\r" % EXTENSION, "bad chunk size or extension"),
+    ("end", r"\r", "chunk longer than its size"),  # the CRLF after a chunk's data
+    ("trailer", r"(?:%s)?\r" % FIELD, "malformed trailer line"))}  # each up to its LF
+USAGE = re.compile(rb'"(prompt_eval_count|eval_count|eval_duration|prompt_tokens|'
+                   rb'completion_tokens)": ?(\d+)')  # Ollama's counts, and OpenAI's usage
 
 class ProtocolError(Exception):
     """Input we will not pass on, with the HTTP status (and headers) to answer it with."""
@@ -147,7 +188,7 @@ class Request:
         self.connection = {t.strip().lower() for t in ",".join(self.fields.get("connection", ()))
                            .split(",")}
         self.keep_alive = self.version == "HTTP/1.1" and "close" not in self.connection
-        self.parts, self.started = [], time.monotonic()
+        self.parts, self.started, self.user = [], time.monotonic(), ""  # user: the key's name
         codings, lengths = self.fields.get("transfer-encoding"), self.fields.get("content-length")
         if codings and (lengths or self.version == "HTTP/1.0"):  # RFC 9112, 6.1 and 6.3
             raise ProtocolError(400, "Transfer-Encoding with Content-Length or in HTTP/1.0")
@@ -158,63 +199,50 @@ class Request:
             raise ProtocolError(400, "bad Content-Length")
         if int(length) > max_body:
             raise ProtocolError(413, "request body larger than %d bytes" % max_body)
-        self.body = ChunkedReader(max_body) if codings else LengthReader(int(length))
+        self.body = BodyReader(int(length), bool(codings), max_body)
 
-class LengthReader:
-    """Reads a body of known length (None: until the connection closes) from a buffer."""
-    def __init__(self, length):
-        self.left, self.done = (float("inf") if length is None else length), length == 0
+class BodyReader:
+    """Takes a body from a buffer: of a known length, chunked (as strictly as h11), or to the end.
 
-    def read(self, buf):
-        """Take this body's bytes from the front of buf."""
-        n = min(self.left, len(buf))
-        data = bytes(buf[:n])
-        del buf[:n]
-        self.left -= n
-        self.done = not self.left
-        return data
-
-class ChunkedReader:
-    """Decodes a chunked body from a buffer, taking only the bytes it has used."""
-    def __init__(self, limit=None):
-        self.limit, self.size, self.left = limit, 0, 0  # body bytes so far; due in this chunk
-        self.due, self.done = "size", False  # the line due next: "size", "end" or "trailer"
+    Only the bytes it used leave the buffer; bad framing raises ProtocolError carrying the body
+    bytes decoded before it. length None and not chunked: until the connection closes.
+    """
+    def __init__(self, length=None, chunked=False, limit=None):
+        self.chunked, self.limit, self.size = chunked, limit, 0  # size: chunked bytes so far
+        self.left = 0 if chunked else NEVER if length is None else length  # due in this chunk
+        self.due, self.done = "size", not (chunked or self.left)  # due: a key of CHUNK_LINES
 
     def read(self, buf):
-        """Decode what buf holds; bad framing raises ProtocolError carrying what came before."""
+        """Decode what buf holds: the body bytes it took."""
         out, pos = [], 0
         try:
             while not self.done:
                 if self.left:
-                    out.append(buf[pos:pos + self.left])
+                    out.append(buf[pos:pos + min(self.left, len(buf) - pos)])
                     pos, self.left = pos + len(out[-1]), self.left - len(out[-1])
-                    if self.left:
+                    if self.left or not self.chunked:
+                        self.done = not self.left
                         break
-                eol = buf.find(b"\n", pos, pos + MAX_CHUNK_LINE + 1)
-                if eol < 0 and len(buf) - pos > MAX_CHUNK_LINE:
-                    if not buf.startswith(b"00", pos):
-                        raise ProtocolError(400, "chunk line over %d bytes" % MAX_CHUNK_LINE)
-                    pos = LEADING_ZEROS.match(buf, pos).end()  # any number of leading zeros
-                    continue  # is valid: keep one, and look again
+                eol = buf.find(b"\n", pos, pos + MAX_CHUNK_LINE + 2)  # a line and its CRLF
                 if eol < 0:
+                    if len(buf) - pos >= MAX_CHUNK_LINE + 2:
+                        raise ProtocolError(400, "chunk line over %d bytes" % MAX_CHUNK_LINE)
                     break
-                line, pos = buf[pos:eol], eol + 1  # it may end in CR, before the LF
+                rule, problem = CHUNK_LINES[self.due]
+                line = rule.fullmatch(buf, pos, eol)  # up to the LF: a bare LF never matches
+                if not line:
+                    raise ProtocolError(400, problem)
+                pos = eol + 1
                 if self.due == "size":
-                    size = line.split(b";", 1)[0].removesuffix(b"\r").rstrip(b" \t")
-                    if not size or size.strip(b"0123456789abcdefABCDEF") \
-                            or len(size.lstrip(b"0")) > 15:
-                        raise ProtocolError(400, "bad chunk size")
-                    self.left = int(size, 16)
+                    self.left = int(line.group(1), 16)
                     self.size += self.left
                     if self.limit is not None and self.size > self.limit:
                         raise ProtocolError(413, "request body larger than %d bytes" % self.limit)
                     self.due = "end" if self.left else "trailer"
-                elif self.due == "end":  # the line end after a chunk's data
-                    if line not in (b"", b"\r"):
-                        raise ProtocolError(400, "chunk longer than its size")
+                elif self.due == "end":
                     self.due = "size"
-                else:  # trailer fields are not forwarded; an empty line ends them
-                    self.done = line in (b"", b"\r")
+                else:  # trailer fields are read, then dropped; an empty line ends the body
+                    self.done = line.group(1) is None
         except ProtocolError as e:
             e.decoded = b"".join(out)
             raise
@@ -226,16 +254,13 @@ def chunks(records):
     """Each record as one chunk of a chunked body (records must not be empty)."""
     if len(records) == 1:  # one token: the most frequent case, and the cheapest
         return b"%x\r\n%s\r\n" % (len(records[0]), records[0])
-    pieces = [b"\r\n"] * (3 * len(records))
-    pieces[0::3] = [b"%x\r\n" % len(r) for r in records]
-    pieces[1::3] = records
-    return b"".join(pieces)
+    return b"".join([b"%x\r\n%s\r\n" % (len(r), r) for r in records])
 
 class Framer:
     """Frames a body for the client: as it is, chunked, or a chunk per NDJSON line or SSE event."""
     def __init__(self, chunked, kind=None):
         self.chunked, self.kind = chunked, kind  # kind: a media type in RECORDS, or None
-        self.partial, self.last, self.broken = b"", b"", False  # see frame()
+        self.partial, self.broken = b"", False  # see frame()
 
     def frame(self, data, final=False):
         """What the client gets for body bytes that arrived; final: the body has ended."""
@@ -251,8 +276,7 @@ class Framer:
             cut = ends[-1] if ends else 0
             records = [data[a:b] for a, b in zip([0] + ends, ends)]
         self.partial = data[cut:]  # a record still missing its end
-        if records:  # broken: part of an over-long record went out without its end
-            self.last, self.broken = records[-1], False
+        self.broken = self.broken and not records  # part of a record went out without its end
         if len(self.partial) > MAX_RECORD:  # send an over-long record on: memory stays bounded
             records.append(self.partial)
             self.partial, self.broken = b"", True
@@ -274,9 +298,8 @@ def plan_response(resp, req):
     """How to read an upstream response and what the client gets: (head, reader, framer)."""
     headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP_BY_HOP
                and (resp.length is not None or k.lower() != "content-length")]
-    framer, reader = Framer(chunked=False), LengthReader(resp.length)  # (HEAD, 204, 304: 0)
+    framer, reader = Framer(chunked=False), BodyReader(resp.length, resp.length is None and resp.chunked)
     if resp.length is None:  # not framed by length: chunks, or until the upstream closes
-        reader = ChunkedReader() if resp.chunked else reader
         headers.append(("X-Accel-Buffering", "no"))  # so an nginx in front does not buffer
         if req.version == "HTTP/1.0":
             req.keep_alive = False  # close-delimited: an HTTP/1.0 client cannot read chunks
@@ -439,7 +462,7 @@ class Client(Connection):
                     if head is None:
                         return
                     self.request = req = Request(head, self.gw.args.max_body)
-                    self.gw.check_access(req)  # refused before its body is read
+                    req.user = self.gw.access.check(req)  # refused before its body is read
                     expects = req.fields.get("expect", [""])[0].lower() == "100-continue"
                     if expects and req.version == "HTTP/1.1" and not (self.inbuf or req.body.done):
                         self.send(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits 1 s otherwise
@@ -452,17 +475,20 @@ class Client(Connection):
             self.respond(e.status, str(e), extra=e.headers, close=True)
 
     def dispatch(self):
-        """The whole request is here: answer it ourselves or send it upstream."""
+        """The whole request is here: answer it ourselves, or send it upstream in a slot."""
         gw, req = self.gw, self.request
         if req.path.startswith("/qlite/"):  # our own endpoints are never forwarded
             return self.respond(*gw.own_endpoint(req))
         kind = "light" if LIGHT.fullmatch("%s %s" % (req.method, req.path)) else "active"
+        if kind == "active" and gw.access.over_share(req.user):
+            return self.respond(429, "this key holds its share, %d generations at once: retry "
+                                "when one ends" % gw.args.max_per_key, extra=RETRY_SOON)
         if gw.slots[kind] >= gw.args.max_active:
             gw.counters["rejected"] += 1
             return self.respond(503, "all slots are busy, retry shortly", extra=RETRY_SOON)
         try:
             self.upstream = Upstream(gw, self, kind, upstream_request(
-                req, gw.upstream_host, bool(gw.args.api_key)))
+                req, gw.upstream_host, gw.access.required))
         except OSError as e:  # no descriptor left for it: refuse this request, serve on
             return self.respond(503, "cannot reach the upstream: %s" % e.strerror, extra=RETRY_SOON)
         if not self.outbuf:
@@ -475,8 +501,7 @@ class Client(Connection):
         """Answer the current request ourselves; body is bytes, or an error message."""
         req = self.request
         if isinstance(body, str):  # the JSON error clients expect: Ollama's, or OpenAI's on /v1/
-            kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
-            error = {"message": body, "param": None, "code": None, "type": kind.get(
+            error = {"message": body, "param": None, "code": None, "type": ERROR_TYPES.get(
                 status, "invalid_request_error" if status < 500 else "api_error")}
             v1 = req and req.path.startswith("/v1/")
             body = json.dumps({"error": error if v1 else body}).encode()
@@ -510,13 +535,15 @@ class Client(Connection):
         super().close()
 
 class Upstream(Connection):
-    """One request forwarded to Ollama: connect, send, read the head, stream the body back."""
+    """One request forwarded to Ollama, in a slot: connect, send, read the head, stream the body."""
     def __init__(self, gw, client, kind, wire):
-        self.client, self.kind, self.inbuf = client, kind, bytearray()
+        self.client, self.kind, self.inbuf, self.tail = client, kind, bytearray(), b""
+        self.use = gw.access.use[client.request.user]  # whose slot it is
         self.response = self.reader = self.framer = None  # once the response head is here
         self.patience = min(CONNECT_TIMEOUT, gw.args.upstream_timeout)  # to take the request
         super().__init__(gw, socket.socket(gw.upstream_family, socket.SOCK_STREAM), wire)
         gw.slots[kind] += 1
+        self.use["active"] += kind == "active"
         self.sock.connect_ex(gw.upstream_addr)  # wire leaves once writable (outside advance)
 
     def wants(self):
@@ -537,7 +564,7 @@ class Upstream(Connection):
         out = b""  # the client's head and the first body bytes leave in one send
         try:
             if not data:
-                if self.reader and self.reader.left == float("inf"):  # it ends with the connection
+                if self.reader and self.reader.left == NEVER:  # it ends with the connection
                     return self.end()
                 raise ProtocolError(502, "upstream closed the connection early")
             self.deadline = time.monotonic() + self.gw.args.upstream_timeout
@@ -547,7 +574,9 @@ class Upstream(Connection):
                 if head is None:
                     return
                 out = self.start(head)
-            out += self.framer.frame(self.reader.read(self.inbuf))
+            body = self.reader.read(self.inbuf)
+            self.tail = (self.tail + body[-TAIL:])[-TAIL:]  # where Ollama reports its counts
+            out += self.framer.frame(body)
         except ProtocolError as e:
             self.client.send(out + (self.framer.frame(e.decoded) if e.decoded else b""))
             return self.end(str(e), e.status)
@@ -572,8 +601,8 @@ class Upstream(Connection):
         if self.closed:
             return
         self.gw.counters["upstream_errors"] += bool(error)
-        if not error and self.framer.kind == NDJSON:
-            self.gw.observe_done_line(self.framer.last)
+        if not error:  # what Ollama counted, from the end of the body
+            self.gw.observe_usage(self.use, self.tail)
         self.close()
         if self.response is None:
             self.client.respond(status, error)
@@ -590,6 +619,7 @@ class Upstream(Connection):
         """Free the slot exactly once, whatever ended the request, and hang up."""
         if not self.closed:
             self.gw.slots[self.kind] -= 1
+            self.use["active"] -= self.kind == "active"
             super().close()
 
 class Probe(Connection):
@@ -614,6 +644,52 @@ class Probe(Connection):
         self.close()
 
 
+# ================================================================================ Access
+
+class Access:
+    """Who may do what: whose each key is, how many generations a key may hold, the admin lock."""
+    def __init__(self, args):
+        self.args, self.required, self.keys = args, bool(args.api_key or args.keys), read_keys(args)
+        self.use = defaultdict(functools.partial(dict.fromkeys, USE, 0))  # by name; "": no key
+
+    def reload(self, signum=None, frame=None):
+        """SIGHUP: read the keys again; a file that fails keeps the old ones, said in one line."""
+        try:
+            self.keys = read_keys(self.args)
+            sys.stderr.write("qlite: keys re-read: %d in force\n" % len(self.keys))
+        except ValueError as e:
+            sys.stderr.write("qlite: keys not re-read, the old ones stay: %s\n" % e)
+
+    def check(self, req):
+        """The name of the request's key; ProtocolError if the key or the admin lock forbids it."""
+        scheme, _, token = req.fields.get("authorization", [""])[0].partition(" ")
+        name = self.keys.get(sha256(token.strip(" "))) if scheme.lower() == "bearer" else None
+        preflight = req.method == "OPTIONS" and "access-control-request-method" in req.fields
+        if self.required and name is None and req.path != "/qlite/health" and not preflight:
+            raise ProtocolError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                [("WWW-Authenticate", "Bearer")])  # (scheme in any case)
+        clean = "/" + posixpath.normpath(unquote(req.path)).lstrip("/")  # as Ollama's router
+        if (clean in ADMIN_PATHS or clean.startswith("/api/blobs")) and not self.args.allow_admin:
+            raise ProtocolError(403, "model management is off: start qlite.py with --allow-admin")
+        return name or ""
+
+    def over_share(self, name):
+        """Whether this key already holds its share of the generations (then counted: a 429)."""
+        use = self.use[name]
+        full = bool(name) and 0 < self.args.max_per_key <= use["active"]
+        use["rejected"] += full
+        return full
+
+    def metrics(self):
+        """Each key's use as Prometheus lines, labelled with its name, never the key."""
+        lines, names = [], sorted(set(self.keys.values()) | set(self.use) - {""})
+        for what in USE:
+            metric = "qlite_key_" + what + ("" if what == "active" else "_total")
+            lines.append("# TYPE %s %s" % (metric, "gauge" if what == "active" else "counter"))
+            lines += ['%s{key="%s"} %d' % (metric, name, self.use[name][what]) for name in names]
+        return lines
+
+
 # ================================================================================ The loop
 
 class Gateway(Connection):
@@ -621,14 +697,14 @@ class Gateway(Connection):
     patience = NEVER  # its deadline is set only to pause accepting
 
     def __init__(self, args):
-        self.args, self.sel = args, selectors.DefaultSelector()
+        self.args, self.access, self.sel = args, Access(args), selectors.DefaultSelector()
         self.codes, self.ttfb_counts, self.ttfb_sum = {}, [0] * (len(TTFB_BUCKETS) + 1), 0.0
         self.counters = {"rejected": 0, "upstream_errors": 0, "streams_left_early": 0,
                          "response_bytes": 0, "generated_tokens": 0, "generation_seconds": 0.0}
         self.conns, self.slots, self.stop_requested = set(), {"active": 0, "light": 0}, False
         self.draining, self.checked, self.down = 0.0, -NEVER, None  # drain end, last probe,
         # and why that probe could not reach Ollama (None: it could)
-        host, port = args.upstream_host, args.upstream_port
+        host, port = args.upstream
         # resolved once, at start-up; IPv4 first: "localhost" may give ::1 first, and Ollama
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)  # is on 127.0.0.1
         ipv4 = [info for info in infos if info[0] == socket.AF_INET]
@@ -659,15 +735,14 @@ class Gateway(Connection):
         for i, bound in enumerate(TTFB_BUCKETS + (NEVER,)):
             self.ttfb_counts[i] += seconds <= bound
 
-    def observe_done_line(self, line):
-        """Count generated tokens from the final `done` line of an NDJSON stream."""
-        try:
-            final = json.loads(line)
-            if final.get("done") is True:
-                self.counters["generated_tokens"] += max(0, int(final.get("eval_count", 0)))
-                self.counters["generation_seconds"] += max(0, int(final["eval_duration"])) / 1e9
-        except Exception:  # whatever the line holds, a stream it ends is never cut for it
-            pass
+    def observe_usage(self, use, tail):
+        """Count the tokens Ollama reported at the end of an answer, for its key and in all."""
+        found = {key.decode(): int(n) for key, n in USAGE.findall(tail)}  # the last of each
+        use["prompt_tokens"] += found.get("prompt_eval_count", found.get("prompt_tokens", 0))
+        use["completion_tokens"] += found.get("eval_count", found.get("completion_tokens", 0))
+        if "eval_duration" in found:  # Ollama's own API: tokens per second can be told
+            self.counters["generated_tokens"] += found.get("eval_count", 0)
+            self.counters["generation_seconds"] += found["eval_duration"] / 1e9
 
     def metrics_page(self):
         """/qlite/metrics in the Prometheus text format."""
@@ -683,21 +758,7 @@ class Gateway(Connection):
                   for bucket in zip(TTFB_BUCKETS + ("+Inf",), self.ttfb_counts)]
         lines += ["qlite_time_to_first_byte_seconds_sum %r" % self.ttfb_sum,
                   "qlite_time_to_first_byte_seconds_count %d" % self.ttfb_counts[-1]]
-        return ("\n".join(lines) + "\n").encode()
-
-    def check_access(self, req):
-        """Refuse, before reading its body, a request that the key or the admin lock forbids."""
-        key = (self.args.api_key or "").encode()
-        scheme, _, token = req.fields.get("authorization", [""])[0].partition(" ")
-        preflight = req.method == "OPTIONS" and "access-control-request-method" in req.fields
-        if key and req.path != "/qlite/health" and not preflight and not (
-                scheme.lower() == "bearer"  # any case (RFC 9110, 11.1); the key itself is exact
-                and hmac.compare_digest(token.strip(" ").encode("latin-1"), key)):
-            raise ProtocolError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                [("WWW-Authenticate", "Bearer")])
-        clean = "/" + posixpath.normpath(unquote(req.path)).lstrip("/")  # as Ollama's router
-        if (clean in ADMIN_PATHS or clean.startswith("/api/blobs")) and not self.args.allow_admin:
-            raise ProtocolError(403, "model management is off: start qlite.py with --allow-admin")
+        return ("\n".join(lines + self.access.metrics()) + "\n").encode()
 
     def own_endpoint(self, req):
         """Q-Lite's own endpoints: (status, body[, content type, headers]) for respond()."""
@@ -713,15 +774,17 @@ class Gateway(Connection):
         return 200 if status == "ok" else 503, json.dumps(health).encode()
 
     def log_request(self, client, status):
-        """Count a finished request and write its access-log line."""
+        """Count a finished request, in all and for its key, and write its access-log line."""
+        req = client.request
         self.codes[status] = self.codes.get(status, 0) + 1
         self.counters["response_bytes"] += client.sent
-        req, now = client.request, time.monotonic()
+        self.access.use[req.user if req else ""]["requests"] += 1
         if not self.args.quiet:
+            user, method, target, took = (req.user or "-", req.method, req.target, "%.3fs" % (
+                time.monotonic() - req.started)) if req else ("-", "-", "-", "0.000s")
             ttfb = "%.3fs" % (client.first_byte - req.started) if client.first_byte and req else "-"
-            sys.stderr.write('%s "%s %s" %d %dB ttfb=%s %.3fs\n' % (
-                client.addr, req.method if req else "-", req.target if req else "-", status,
-                client.sent, ttfb, now - req.started if req else 0.0))
+            sys.stderr.write('%s %s "%s %s" %d %dB ttfb=%s %s\n' % (
+                client.addr, user, method, target, status, client.sent, ttfb, took))
 
     def call(self, conn, callback, *args):
         """Run one callback; whatever it raises ends that exchange only, never the loop."""
@@ -741,6 +804,7 @@ class Gateway(Connection):
         """The loop: sweep deadlines, dispatch events, drain after a signal."""
         signal.signal(signal.SIGTERM, self.on_signal)
         signal.signal(signal.SIGINT, self.on_signal)
+        signal.signal(signal.SIGHUP, self.access.reload)
         next_sweep = 0.0
         while not self.draining or (time.monotonic() < self.draining
                                     and any(isinstance(c, Client) for c in self.conns)):
@@ -776,22 +840,26 @@ class Gateway(Connection):
 
 
 def main(argv=None):
-    """Start Q-Lite: raise the descriptor limit, listen, say where, run the loop."""
+    """Start Q-Lite: read the keys, raise the descriptor limit, listen, say where, run the loop."""
     args = parse_args(argv)
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     with suppress(ValueError, OSError):  # a thousand idle connections need descriptors
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    try:  # a mistake is one line on stderr and exit status 1
+    try:  # a mistake is one line on stderr and exit status 1 (2 for the keys, as for flags)
         gw = Gateway(args)
+    except ValueError as e:
+        sys.stderr.write("qlite: %s\n" % e)
+        return 2
     except socket.gaierror as e:
-        sys.exit("qlite: cannot resolve upstream %r: %s" % (args.upstream_host, e))
+        sys.exit("qlite: cannot resolve upstream %r: %s" % (args.upstream[0], e))
     except OSError as e:
         sys.exit("qlite: cannot listen on %s:%d: %s" % (args.host, args.port, e.strerror or e))
     host, port = gw.sock.getsockname()[:2]
     sys.stderr.write("qlite: listening on http://%s:%d, upstream http://%s, max %d active%s\n" % (
         "[%s]" % host if ":" in host else host, port, gw.upstream_host, args.max_active,
-        "" if args.api_key or host in ("127.0.0.1", "::1") else
-        " (no --api-key: anyone who can reach this port can use the model)"))
+        ", keys: %d" % len(gw.access.keys) if gw.access.required else ""
+        if host in ("127.0.0.1", "::1")
+        else " (no --api-key or --keys: anyone who can reach this port can use the model)"))
     return gw.run()
 
 if __name__ == "__main__":
