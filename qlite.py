@@ -1,17 +1,15 @@
 """Q-Lite: a tiny gateway that lets many people share one Ollama server safely.
 
 One thread runs one `selectors` loop over non-blocking sockets, each a Connection: the listener
-(the Gateway itself), each client (`Client`), each connection to Ollama (`Upstream`) and the
-reachability probe (`Probe`). A Connection derives the events it wants from its state, queues
-what its socket cannot take yet and has one deadline; only the loop touches the selector, and an
-error ends the exchange that raised it, never the loop. Bytes stay in their connection's buffer
-until a pure reader takes them (request heads, sized or chunked bodies, response heads), so the
-result never depends on how TCP split them. `Access` tells who may do what: each key's person,
-their share of the slots and what they used. A Client answers bad input, its own endpoints and
-refusals (401, 403, 429, 503); an Upstream has `http.client` write each request and parse each
-response head, and a Framer re-chunks the body, one chunk per NDJSON line or SSE event. A
-connection to Ollama whose answer ended cleanly is kept for GET and HEAD requests, the only ones
-that may be sent again if Ollama closed it meanwhile.
+(the Gateway itself), each client (`Client`), each request forwarded to Ollama (`Upstream`) and
+the reachability probe (`Probe`). A Connection derives the events it wants from its state,
+queues what its socket cannot take yet and has one deadline; only the loop touches the selector,
+and an error ends the exchange that raised it, never the loop. Bytes stay in their connection's
+buffer until a pure reader takes them (request heads, bodies, response heads), so the result
+never depends on how TCP split them. `Access` knows whose each key is, its share of the slots
+and what it used. A Client answers bad input, its own endpoints and refusals; an Upstream has
+`http.client` write the request and parse the response head, and a Framer re-chunks the body,
+one chunk per NDJSON line or SSE event.
 """
 
 import argparse, functools, hashlib, http.client, io, json, os, posixpath, re, resource
@@ -127,9 +125,9 @@ EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")  # a line end, th
 QUOTED = r'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
 EXTENSION = r"[ \t]*;[ \t]*%s(?:[ \t]*=[ \t]*(?:%s|%s))?" % (TOKEN, TOKEN, QUOTED)
 CHUNK_LINES = {due: (re.compile(rule.encode()), problem) for due, rule, problem in (  # RFC 9112
-    ("size", r"0*([0-9A-Fa-f]{1,15})(?:%s)*[ \t]*\r" % EXTENSION, "bad chunk size or extension"),
-    ("end", r"\r", "chunk longer than its size"),  # the CRLF after a chunk's data
-    ("trailer", r"(?:%s)?\r" % FIELD, "malformed trailer line"))}  # each up to its LF
+    ("size", r"0*([0-9A-Fa-f]{1,15})(?:%s)*[ \t]*\r\n" % EXTENSION, "bad chunk size or extension"),
+    ("end", r"\r\n", "chunk longer than its size"),  # the CRLF after a chunk's data
+    ("trailer", r"(?:%s)?\r\n" % FIELD, "malformed trailer line"))}
 USAGE = re.compile(rb'"(prompt_eval_count|eval_count|eval_duration|prompt_tokens|'
                    rb'completion_tokens)": ?(\d+)')  # Ollama's counts, and OpenAI's usage
 
@@ -138,6 +136,11 @@ class ProtocolError(Exception):
     def __init__(self, status, message, headers=()):
         super().__init__(message)  # decoded: body bytes before bad framing still go out
         self.status, self.headers, self.decoded = status, headers, b""
+
+def require(condition, status, message, headers=()):
+    """A rule of the protocol: where input breaks it, ProtocolError with the status to answer."""
+    if not condition:
+        raise ProtocolError(status, message, headers)
 
 def response_head(status, headers):
     """A response head, with our own reason phrase, from a status and (name, value) pairs."""
@@ -149,8 +152,7 @@ def read_head(buf, start=0, too_large=431):
     del buf[:EMPTY_LINES.match(buf).end()]  # RFC 9112, 2.2; lines may end in a bare LF (nc)
     end = HEAD_END.search(buf, max(0, start - 2), MAX_HEAD)
     if end is None:
-        if len(buf) >= MAX_HEAD:
-            raise ProtocolError(too_large, "message head over %d bytes" % MAX_HEAD)
+        require(len(buf) < MAX_HEAD, too_large, "message head over %d bytes" % MAX_HEAD)
         return None
     head = bytes(buf[:end.start()]).removesuffix(b"\r")
     del buf[:end.end()]
@@ -161,44 +163,37 @@ class Request:
     def __init__(self, head, max_body):
         lines = re.split(r"\r?\n", head.decode("latin-1"))
         line = REQUEST_LINE.match(lines[0])
-        if not line:
-            raise ProtocolError(400, "malformed request line")
+        require(line, 400, "malformed request line")
         self.method, target, self.version = line.groups()
-        if self.version not in ("HTTP/1.1", "HTTP/1.0"):
-            raise ProtocolError(505, "unsupported HTTP version")
-        if self.method == "CONNECT":
-            raise ProtocolError(405, "CONNECT is not supported: Q-Lite is not a forward proxy")
-        if len(target) > MAX_TARGET:
-            raise ProtocolError(414, "request target longer than %d bytes" % MAX_TARGET)
-        if len(lines) > MAX_HEADERS + 1:
-            raise ProtocolError(431, "more than %d request headers" % MAX_HEADERS)
+        require(self.version in ("HTTP/1.1", "HTTP/1.0"), 505, "unsupported HTTP version")
+        require(self.method != "CONNECT", 405, "CONNECT is not supported: not a forward proxy")
+        require(len(target) <= MAX_TARGET, 414, "request target over %d bytes" % MAX_TARGET)
+        require(len(lines) <= MAX_HEADERS + 1, 431, "more than %d request headers" % MAX_HEADERS)
         absolute = ABSOLUTE_FORM.match(target)  # served from our own upstream only
         if absolute:
             target = target[absolute.end():] or "/"
-        if not (target.startswith("/") and target.isascii() and target.isprintable()):
-            raise ProtocolError(400, "malformed request target")
+        require(target.startswith("/") and target.isascii() and target.isprintable(), 400,
+                "malformed request target")
         self.target, self.path, self.fields = target, target.split("?", 1)[0], {}
         for line in lines[1:]:
             field = HEADER_LINE.match(line)
-            if not field:
-                raise ProtocolError(400, "malformed header line")  # obs-fold, space before colon
+            require(field, 400, "malformed header line")  # obs-fold, space before the colon
             self.fields.setdefault(field.group(1).lower(), []).append(field.group(2))
-        if self.version == "HTTP/1.1" and len(self.fields.get("host", ())) != 1:
-            raise ProtocolError(400, "an HTTP/1.1 request needs exactly one Host header")
+        require(self.version == "HTTP/1.0" or len(self.fields.get("host", ())) == 1, 400,
+                "an HTTP/1.1 request needs exactly one Host header")
         self.connection = {t.strip().lower() for t in ",".join(self.fields.get("connection", ()))
                            .split(",")}
         self.keep_alive = self.version == "HTTP/1.1" and "close" not in self.connection
         self.parts, self.started, self.user = [], time.monotonic(), ""  # user: the key's name
         codings, lengths = self.fields.get("transfer-encoding"), self.fields.get("content-length")
-        if codings and (lengths or self.version == "HTTP/1.0"):  # RFC 9112, 6.1 and 6.3
-            raise ProtocolError(400, "Transfer-Encoding with Content-Length or in HTTP/1.0")
-        if codings and ",".join(codings).lower() != "chunked":
-            raise ProtocolError(501, "only the chunked transfer-encoding is supported")
+        require(not codings or not lengths and self.version == "HTTP/1.1", 400,  # RFC 9112, 6.1
+                "Transfer-Encoding with Content-Length or in HTTP/1.0")
+        require(not codings or ",".join(codings).lower() == "chunked", 501,
+                "only the chunked transfer-encoding is supported")
         length = lengths[0] if lengths else "0"
-        if len(set(lengths or [length])) > 1 or not re.match(r"[0-9]{1,18}\Z", length):
-            raise ProtocolError(400, "bad Content-Length")
-        if int(length) > max_body:
-            raise ProtocolError(413, "request body larger than %d bytes" % max_body)
+        require(len(set(lengths or [length])) == 1 and re.match(r"[0-9]{1,18}\Z", length), 400,
+                "bad Content-Length")
+        require(int(length) <= max_body, 413, "request body larger than %d bytes" % max_body)
         self.body = BodyReader(int(length), bool(codings), max_body)
 
 class BodyReader:
@@ -208,7 +203,7 @@ class BodyReader:
     bytes decoded before it. length None and not chunked: until the connection closes.
     """
     def __init__(self, length=None, chunked=False, limit=None):
-        self.chunked, self.limit, self.size = chunked, limit, 0  # size: chunked bytes so far
+        self.chunked, self.limit, self.size, self.trailers = chunked, limit, 0, 0  # read so far
         self.left = 0 if chunked else NEVER if length is None else length  # due in this chunk
         self.due, self.done = "size", not (chunked or self.left)  # due: a key of CHUNK_LINES
 
@@ -216,22 +211,21 @@ class BodyReader:
         """Decode what buf holds: the body bytes it took."""
         out, pos = [], 0
         try:
-            while not self.done:
-                if self.left:
-                    out.append(buf[pos:pos + min(self.left, len(buf) - pos)])
+            while pos < len(buf) and not self.done:
+                if self.left:  # (a slice of a bytearray is a copy: only as long as it must be)
+                    out.append(buf[pos:] if self.left >= len(buf) - pos else
+                               buf[pos:pos + self.left])
                     pos, self.left = pos + len(out[-1]), self.left - len(out[-1])
-                    if self.left or not self.chunked:
-                        self.done = not self.left
-                        break
+                    self.done = not (self.left or self.chunked)
+                    continue
                 eol = buf.find(b"\n", pos, pos + MAX_CHUNK_LINE + 2)  # a line and its CRLF
-                if eol < 0:
-                    if len(buf) - pos >= MAX_CHUNK_LINE + 2:
-                        raise ProtocolError(400, "chunk line over %d bytes" % MAX_CHUNK_LINE)
+                if eol < 0:  # matched only once whole: a regex run per byte that came would cost
+                    require(len(buf) - pos < MAX_CHUNK_LINE + 2, 400,  # quadratic time
+                            "chunk line over %d bytes" % MAX_CHUNK_LINE)
                     break
                 rule, problem = CHUNK_LINES[self.due]
-                line = rule.fullmatch(buf, pos, eol)  # up to the LF: a bare LF never matches
-                if not line:
-                    raise ProtocolError(400, problem)
+                line = rule.match(buf, pos, eol + 1)  # (a bare LF never matches)
+                require(line, 400, problem)
                 pos = eol + 1
                 if self.due == "size":
                     self.left = int(line.group(1), 16)
@@ -242,7 +236,9 @@ class BodyReader:
                 elif self.due == "end":
                     self.due = "size"
                 else:  # trailer fields are read, then dropped; an empty line ends the body
-                    self.done = line.group(1) is None
+                    self.done, self.trailers = line.group(1) is None, self.trailers + 1
+                    require(self.trailers <= MAX_HEADERS, 431, "more than %d trailer fields"
+                            % MAX_HEADERS)
         except ProtocolError as e:
             e.decoded = b"".join(out)
             raise
@@ -268,7 +264,8 @@ class Framer:
             return chunks([data]) if data and self.chunked else data
         data = self.partial + data
         if self.kind == NDJSON:  # lines end as httpx's iter_lines sees them: LF, CRLF, lone CR
-            cut = max(data.rfind(b"\n"), data.rfind(b"\r", 0, len(data) - (not final))) + 1
+            cut = len(data) if data.endswith(b"\n") else 1 + max(  # (the common case: whole)
+                data.rfind(b"\n"), data.rfind(b"\r", 0, len(data) - (not final)))
             records = data[:cut].splitlines(True)
         else:  # a CR that ends a read may be half of a CRLF: it counts once the next byte is in
             ends = [m.end() for m in EVENT_END.finditer(data, 0, len(data) - (
@@ -294,23 +291,6 @@ class Framer:
             self.partial = (sep if self.broken else b"") + template % json.dumps(error).encode()
         return tail + (chunks([self.partial]) if self.partial else b"") + b"0\r\n\r\n"
 
-def plan_response(resp, req):
-    """How to read an upstream response and what the client gets: (head, reader, framer)."""
-    headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP_BY_HOP
-               and (resp.length is not None or k.lower() != "content-length")]
-    framer, reader = Framer(chunked=False), BodyReader(resp.length, resp.length is None and resp.chunked)
-    if resp.length is None:  # not framed by length: chunks, or until the upstream closes
-        headers.append(("X-Accel-Buffering", "no"))  # so an nginx in front does not buffer
-        if req.version == "HTTP/1.0":
-            req.keep_alive = False  # close-delimited: an HTTP/1.0 client cannot read chunks
-        else:
-            headers.append(("Transfer-Encoding", "chunked"))
-            kind = resp.getheader("content-type", "").split(";")[0].strip().lower()
-            framer = Framer(True, kind if kind in RECORDS else None)
-    if not req.keep_alive:
-        headers.append(("Connection", "close"))
-    return response_head(resp.status, headers), reader, framer
-
 def upstream_request(req, host, strip_authorization):
     """The request for the upstream: end-to-end headers only, its own Host, a Content-Length."""
     body, req.parts = req.parts, []  # the body moves on as it came: not joined, not kept
@@ -329,19 +309,33 @@ def upstream_request(req, host, strip_authorization):
     writer.endheaders()
     return wire + body
 
-def parse_response_head(head, method):
-    """Parse an upstream response head with http.client, from memory."""
+def plan_response(head, req):
+    """Parse an upstream response head with http.client: (status, client's head, reader, framer)."""
     resp = http.client.HTTPResponse(types.SimpleNamespace(makefile=lambda mode: io.BytesIO(head)),
-                                    method=method)
+                                    method=req.method)
     try:
         resp.begin()
     except (http.client.HTTPException, ValueError) as e:
         raise ProtocolError(502, "upstream sent a malformed response head (%s)" % type(e).__name__)
     lengths = set(resp.headers.get_all("content-length", []))  # as strict as with requests
-    if len(lengths) > 1 or not all(n.isdigit() for n in lengths) or not all(
-            HEADER_LINE.match(line) for line in re.split(r"\r?\n", head.decode("latin-1"))[1:]):
-        raise ProtocolError(502, "upstream sent an invalid response head")
-    return resp
+    require(len(lengths) <= 1 and all(n.isdigit() for n in lengths) and all(
+        HEADER_LINE.match(line) for line in re.split(r"\r?\n", head.decode("latin-1"))[1:]),
+        502, "upstream sent an invalid response head")
+    headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP_BY_HOP
+               and (resp.length is not None or k.lower() != "content-length")]
+    reader = BodyReader(resp.length, resp.length is None and resp.chunked)  # (HEAD: length 0)
+    framer = Framer(chunked=False)
+    if resp.length is None:  # not framed by length: chunks, or until the upstream closes
+        headers.append(("X-Accel-Buffering", "no"))  # so an nginx in front does not buffer
+        if req.version == "HTTP/1.0":
+            req.keep_alive = False  # close-delimited: an HTTP/1.0 client cannot read chunks
+        else:
+            headers.append(("Transfer-Encoding", "chunked"))
+            kind = resp.getheader("content-type", "").split(";")[0].strip().lower()
+            framer = Framer(True, kind if kind in RECORDS else None)
+    if not req.keep_alive:
+        headers.append(("Connection", "close"))
+    return resp.status, response_head(resp.status, headers), reader, framer
 
 # ================================================================================ Connections
 
@@ -480,10 +474,11 @@ class Client(Connection):
         if req.path.startswith("/qlite/"):  # our own endpoints are never forwarded
             return self.respond(*gw.own_endpoint(req))
         kind = "light" if LIGHT.fullmatch("%s %s" % (req.method, req.path)) else "active"
-        if kind == "active" and gw.access.over_share(req.user):
+        busy = gw.in_flight(kind)
+        if kind == "active" and gw.access.over_share(req.user, busy.count(req.user)):
             return self.respond(429, "this key holds its share, %d generations at once: retry "
                                 "when one ends" % gw.args.max_per_key, extra=RETRY_SOON)
-        if gw.slots[kind] >= gw.args.max_active:
+        if len(busy) >= gw.args.max_active:
             gw.counters["rejected"] += 1
             return self.respond(503, "all slots are busy, retry shortly", extra=RETRY_SOON)
         try:
@@ -538,12 +533,10 @@ class Upstream(Connection):
     """One request forwarded to Ollama, in a slot: connect, send, read the head, stream the body."""
     def __init__(self, gw, client, kind, wire):
         self.client, self.kind, self.inbuf, self.tail = client, kind, bytearray(), b""
-        self.use = gw.access.use[client.request.user]  # whose slot it is
-        self.response = self.reader = self.framer = None  # once the response head is here
+        self.user = client.request.user  # whose slot it is: the name of its key
+        self.reader = self.framer = None  # once the response head is here
         self.patience = min(CONNECT_TIMEOUT, gw.args.upstream_timeout)  # to take the request
         super().__init__(gw, socket.socket(gw.upstream_family, socket.SOCK_STREAM), wire)
-        gw.slots[kind] += 1
-        self.use["active"] += kind == "active"
         self.sock.connect_ex(gw.upstream_addr)  # wire leaves once writable (outside advance)
 
     def wants(self):
@@ -569,7 +562,7 @@ class Upstream(Connection):
                 raise ProtocolError(502, "upstream closed the connection early")
             self.deadline = time.monotonic() + self.gw.args.upstream_timeout
             self.inbuf += data
-            while self.response is None:
+            while self.reader is None:
                 head = read_head(self.inbuf, 0, 502)
                 if head is None:
                     return
@@ -590,10 +583,9 @@ class Upstream(Connection):
             return b""
         req = self.client.request
         req.keep_alive = req.keep_alive and not self.gw.stop_requested  # (the last answer)
-        resp = self.response = parse_response_head(head, req.method)
-        head, self.reader, self.framer = plan_response(resp, req)
+        status, head, self.reader, self.framer = plan_response(head, req)
         self.gw.observe_ttfb(time.monotonic() - req.started)
-        self.client.begin(resp.status)
+        self.client.begin(status)
         return head
 
     def end(self, error=None, status=502):
@@ -602,9 +594,9 @@ class Upstream(Connection):
             return
         self.gw.counters["upstream_errors"] += bool(error)
         if not error:  # what Ollama counted, from the end of the body
-            self.gw.observe_usage(self.use, self.tail)
+            self.gw.observe_usage(self.gw.access.use[self.user], self.tail)
         self.close()
-        if self.response is None:
+        if self.reader is None:
             self.client.respond(status, error)
         else:
             self.client.end_response(self.framer.end(error))
@@ -614,13 +606,6 @@ class Upstream(Connection):
         if self.wants():
             return self.end("upstream did not answer in time", 504)
         self.deadline = now + self.gw.args.upstream_timeout  # paused: the client's deadline rules
-
-    def close(self):
-        """Free the slot exactly once, whatever ended the request, and hang up."""
-        if not self.closed:
-            self.gw.slots[self.kind] -= 1
-            self.use["active"] -= self.kind == "active"
-            super().close()
 
 class Probe(Connection):
     """A bare connect to Ollama, once a second: whether it can be reached, or why not."""
@@ -673,20 +658,20 @@ class Access:
             raise ProtocolError(403, "model management is off: start qlite.py with --allow-admin")
         return name or ""
 
-    def over_share(self, name):
-        """Whether this key already holds its share of the generations (then counted: a 429)."""
-        use = self.use[name]
-        full = bool(name) and 0 < self.args.max_per_key <= use["active"]
-        use["rejected"] += full
+    def over_share(self, name, holding):
+        """Whether a key that holds this many generations holds its share (then: a 429)."""
+        full = bool(name) and 0 < self.args.max_per_key <= holding
+        self.use[name]["rejected"] += full
         return full
 
-    def metrics(self):
+    def metrics(self, active):
         """Each key's use as Prometheus lines, labelled with its name, never the key."""
-        lines, names = [], sorted(set(self.keys.values()) | set(self.use) - {""})
+        lines, names = [], sorted(set(self.keys.values()) | set(self.use) | set(active) - {""})
         for what in USE:
             metric = "qlite_key_" + what + ("" if what == "active" else "_total")
             lines.append("# TYPE %s %s" % (metric, "gauge" if what == "active" else "counter"))
-            lines += ['%s{key="%s"} %d' % (metric, name, self.use[name][what]) for name in names]
+            lines += ['%s{key="%s"} %d' % (metric, name, active.count(name) if what == "active"
+                                           else self.use[name][what]) for name in names]
         return lines
 
 
@@ -701,14 +686,14 @@ class Gateway(Connection):
         self.codes, self.ttfb_counts, self.ttfb_sum = {}, [0] * (len(TTFB_BUCKETS) + 1), 0.0
         self.counters = {"rejected": 0, "upstream_errors": 0, "streams_left_early": 0,
                          "response_bytes": 0, "generated_tokens": 0, "generation_seconds": 0.0}
-        self.conns, self.slots, self.stop_requested = set(), {"active": 0, "light": 0}, False
+        self.conns, self.stop_requested = set(), False
         self.draining, self.checked, self.down = 0.0, -NEVER, None  # drain end, last probe,
         # and why that probe could not reach Ollama (None: it could)
         host, port = args.upstream
         # resolved once, at start-up; IPv4 first: "localhost" may give ::1 first, and Ollama
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)  # is on 127.0.0.1
-        ipv4 = [info for info in infos if info[0] == socket.AF_INET]
-        self.upstream_family, *_, self.upstream_addr = (ipv4 or infos)[0]
+        self.upstream_family, *_, self.upstream_addr = min(  # the first IPv4 address, if any
+            infos, key=lambda info: info[0] != socket.AF_INET)
         self.upstream_host = "%s:%d" % ("[%s]" % host if ":" in host else host, port)
         family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
         super().__init__(self, socket.create_server((args.host, args.port), family=family,
@@ -730,6 +715,10 @@ class Gateway(Connection):
     def on_timeout(self, now):
         self.deadline = NEVER
 
+    def in_flight(self, kind):
+        """The key names of the requests of this kind with Ollama now (derived: never stale)."""
+        return [c.user for c in self.conns if isinstance(c, Upstream) and c.kind == kind]
+
     def observe_ttfb(self, seconds):
         self.ttfb_sum += seconds
         for i, bound in enumerate(TTFB_BUCKETS + (NEVER,)):
@@ -746,7 +735,8 @@ class Gateway(Connection):
 
     def metrics_page(self):
         """/qlite/metrics in the Prometheus text format."""
-        gauges = {"active_requests": self.slots["active"], "light_requests": self.slots["light"],
+        active, light = self.in_flight("active"), self.in_flight("light")
+        gauges = {"active_requests": len(active), "light_requests": len(light),
                   "max_active_requests": self.args.max_active, "upstream_up": int(not self.down)}
         lines = ["# TYPE qlite_%s gauge\nqlite_%s %d" % (n, n, v) for n, v in gauges.items()]
         lines.append("# TYPE qlite_requests_total counter")
@@ -758,7 +748,7 @@ class Gateway(Connection):
                   for bucket in zip(TTFB_BUCKETS + ("+Inf",), self.ttfb_counts)]
         lines += ["qlite_time_to_first_byte_seconds_sum %r" % self.ttfb_sum,
                   "qlite_time_to_first_byte_seconds_count %d" % self.ttfb_counts[-1]]
-        return ("\n".join(lines + self.access.metrics()) + "\n").encode()
+        return ("\n".join(lines + self.access.metrics(active)) + "\n").encode()
 
     def own_endpoint(self, req):
         """Q-Lite's own endpoints: (status, body[, content type, headers]) for respond()."""
@@ -770,7 +760,8 @@ class Gateway(Connection):
             return 200, self.metrics_page(), "text/plain; version=0.0.4; charset=utf-8"
         status = "draining" if self.stop_requested else "down" if self.down else "ok"
         health = dict(status=status, max_active=self.args.max_active, error=self.down,
-                      upstream="http://" + self.upstream_host, **self.slots)
+                      upstream="http://" + self.upstream_host, active=len(self.in_flight("active")),
+                      light=len(self.in_flight("light")))
         return 200 if status == "ok" else 503, json.dumps(health).encode()
 
     def log_request(self, client, status):
@@ -802,9 +793,6 @@ class Gateway(Connection):
 
     def run(self):
         """The loop: sweep deadlines, dispatch events, drain after a signal."""
-        signal.signal(signal.SIGTERM, self.on_signal)
-        signal.signal(signal.SIGINT, self.on_signal)
-        signal.signal(signal.SIGHUP, self.access.reload)
         next_sweep = 0.0
         while not self.draining or (time.monotonic() < self.draining
                                     and any(isinstance(c, Client) for c in self.conns)):
@@ -854,6 +842,9 @@ def main(argv=None):
         sys.exit("qlite: cannot resolve upstream %r: %s" % (args.upstream[0], e))
     except OSError as e:
         sys.exit("qlite: cannot listen on %s:%d: %s" % (args.host, args.port, e.strerror or e))
+    signal.signal(signal.SIGTERM, gw.on_signal)  # before the line that says we listen
+    signal.signal(signal.SIGINT, gw.on_signal)
+    signal.signal(signal.SIGHUP, gw.access.reload)
     host, port = gw.sock.getsockname()[:2]
     sys.stderr.write("qlite: listening on http://%s:%d, upstream http://%s, max %d active%s\n" % (
         "[%s]" % host if ":" in host else host, port, gw.upstream_host, args.max_active,
