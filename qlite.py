@@ -237,8 +237,8 @@ class BodyReader:
                     self.due = "size"
                 else:  # trailer fields are read, then dropped; an empty line ends the body
                     self.done, self.trailers = line.group(1) is None, self.trailers + 1
-                    require(self.trailers <= MAX_HEADERS, 431, "more than %d trailer fields"
-                            % MAX_HEADERS)
+                    require(self.done or self.trailers <= MAX_HEADERS, 431,
+                            "more than %d trailer fields" % MAX_HEADERS)
         except ProtocolError as e:
             e.decoded = b"".join(out)
             raise

@@ -1356,7 +1356,7 @@ class SplitInvarianceTest(unittest.TestCase):
     SMALL_HEAD = 256      # MAX_HEAD while the head-limit rows run byte by byte
     CHUNK_LINE = re.compile(rb"([0-9a-f]+)\r\n")
     NDJSON, SSE = "application/x-ndjson", "text/event-stream"  # the Framer's kinds
-    LINE = qlite.MAX_CHUNK_LINE  # the bytes of a chunk-size or trailer line, before its CRLF
+    LINE = 1024  # qlite.MAX_CHUNK_LINE (checked below): a chunk-size or trailer line's bytes
 
     # ==================================================================== tables
     # Rows are (name, input, what the whole feed gives, or None to pin nothing); every split of
@@ -1910,6 +1910,9 @@ class SplitInvarianceTest(unittest.TestCase):
         return head, chunks, tail is None
 
     # ==================================================================== heads and requests
+
+    def test_the_tables_know_the_chunk_line_cap(self):
+        self.assertEqual(self.LINE, qlite.MAX_CHUNK_LINE)  # (the benchmark imports no qlite)
 
     def test_read_head(self):
         """read_head takes the same heads, and leaves the same bytes, however split."""
@@ -2771,6 +2774,10 @@ class HostileInputTest(GatewayCase):
                 echoed = c.response().json()
                 self.assertEqual(echoed["body"], "hello")
                 self.assertNotIn("a", [k.lower() for k, _ in echoed["headers"]])
+        self.assert_refused(post + b"0\r\n" + b"A: 1\r\n" * 101 + b"\r\n", 431)  # as for heads
+        c = self.conn()
+        c.send(post + b"0\r\n" + b"A: 1\r\n" * 100 + b"\r\n")  # at the limit: read
+        self.assertEqual(c.response().status, 200)
 
     def test_a_bare_cr_before_a_request_line_is_a_400(self):
         self.assert_refused(b"\rGET /api/tags HTTP/1.1\r\nHost: a\r\n\r\n", 400)
