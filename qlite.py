@@ -114,13 +114,13 @@ def read_keys(args):
 # ================================================================================ Wire helpers
 
 TOKEN = r"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
-REQUEST_LINE = re.compile(r"(%s) (\S+) (HTTP/\d\.\d)\Z" % TOKEN)
+REQUEST_LINE = re.compile(r"(%s) ([!-~]+) (HTTP/\d\.\d)\Z" % TOKEN)  # a visible ASCII target
 FIELD = r"(%s):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*" % TOKEN  # a header or trailer field
 HEADER_LINE = re.compile(FIELD + r"\Z")
 EMPTY_LINES = re.compile(rb"(?:\r?\n)*")  # a lone CR is no empty line
 HEAD_END = re.compile(rb"\n\r?\n")  # a literal first byte: 35 times faster to search for
 INTERIM = re.compile(rb"HTTP/1\.\d 1\d\d\b")  # 1xx: 103 Early Hints, 102 Processing
-ABSOLUTE_FORM = re.compile(r"http://(\[[0-9A-Fa-f:.]+\]|[^/?#\[\]@]*)", re.IGNORECASE)
+ABSOLUTE_FORM = re.compile(r"(?:http://(\[[0-9A-Fa-f:.]+\]|[^/?#\[\]@]*))?", re.IGNORECASE)
 EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")  # a line end, then an empty line
 QUOTED = r'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
 EXTENSION = r"[ \t]*;[ \t]*%s(?:[ \t]*=[ \t]*(?:%s|%s))?" % (TOKEN, TOKEN, QUOTED)
@@ -169,11 +169,8 @@ class Request:
         require(self.method != "CONNECT", 405, "CONNECT is not supported: not a forward proxy")
         require(len(target) <= MAX_TARGET, 414, "request target over %d bytes" % MAX_TARGET)
         require(len(lines) <= MAX_HEADERS + 1, 431, "more than %d request headers" % MAX_HEADERS)
-        absolute = ABSOLUTE_FORM.match(target)  # served from our own upstream only
-        if absolute:
-            target = target[absolute.end():] or "/"
-        require(target.startswith("/") and target.isascii() and target.isprintable(), 400,
-                "malformed request target")
+        target = target[ABSOLUTE_FORM.match(target).end():] or "/"  # http://any-host/x means our /x
+        require(target.startswith("/"), 400, "malformed request target")
         self.target, self.path, self.fields = target, target.split("?", 1)[0], {}
         for line in lines[1:]:
             field = HEADER_LINE.match(line)
@@ -183,18 +180,18 @@ class Request:
                 "an HTTP/1.1 request needs exactly one Host header")
         self.connection = {t.strip().lower() for t in ",".join(self.fields.get("connection", ()))
                            .split(",")}
-        self.keep_alive = self.version == "HTTP/1.1" and "close" not in self.connection
+        self.keep_alive = self.version == "HTTP/1.1" and "close" not in self.connection  # 1.0: no
         self.parts, self.started, self.user = [], time.monotonic(), ""  # user: the key's name
         codings, lengths = self.fields.get("transfer-encoding"), self.fields.get("content-length")
         require(not codings or not lengths and self.version == "HTTP/1.1", 400,  # RFC 9112, 6.1
                 "Transfer-Encoding with Content-Length or in HTTP/1.0")
         require(not codings or ",".join(codings).lower() == "chunked", 501,
                 "only the chunked transfer-encoding is supported")
-        length = lengths[0] if lengths else "0"
-        require(len(set(lengths or [length])) == 1 and re.match(r"[0-9]{1,18}\Z", length), 400,
+        lengths = lengths or ["0"]
+        require(len(set(lengths)) == 1 and re.match(r"[0-9]{1,18}\Z", lengths[0]), 400,
                 "bad Content-Length")
-        require(int(length) <= max_body, 413, "request body larger than %d bytes" % max_body)
-        self.body = BodyReader(int(length), bool(codings), max_body)
+        require(int(lengths[0]) <= max_body, 413, "request body larger than %d bytes" % max_body)
+        self.body = BodyReader(int(lengths[0]), bool(codings), max_body)
 
 class BodyReader:
     """Takes a body from a buffer: of a known length, chunked (as strictly as h11), or to the end.
@@ -254,8 +251,9 @@ def chunks(records):
 
 class Framer:
     """Frames a body for the client: as it is, chunked, or a chunk per NDJSON line or SSE event."""
-    def __init__(self, chunked, kind=None):
-        self.chunked, self.kind = chunked, kind  # kind: a media type in RECORDS, or None
+    def __init__(self, chunked, media_type=None):  # (in any case, with any parameters)
+        kind = (media_type or "").split(";")[0].strip().lower()
+        self.chunked, self.kind = chunked, kind if chunked and kind in RECORDS else None
         self.partial, self.broken = b"", False  # see frame()
 
     def frame(self, data, final=False):
@@ -324,17 +322,14 @@ def plan_response(head, req):
     headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP_BY_HOP
                and (resp.length is not None or k.lower() != "content-length")]
     reader = BodyReader(resp.length, resp.length is None and resp.chunked)  # (HEAD: length 0)
-    framer = Framer(chunked=False)
-    if resp.length is None:  # not framed by length: chunks, or until the upstream closes
+    chunked = resp.length is None and req.version == "HTTP/1.1"  # an HTTP/1.0 client cannot
+    if resp.length is None:  # read chunks: closing delimits it (never kept alive, see Request)
         headers.append(("X-Accel-Buffering", "no"))  # so an nginx in front does not buffer
-        if req.version == "HTTP/1.0":
-            req.keep_alive = False  # close-delimited: an HTTP/1.0 client cannot read chunks
-        else:
-            headers.append(("Transfer-Encoding", "chunked"))
-            kind = resp.getheader("content-type", "").split(";")[0].strip().lower()
-            framer = Framer(True, kind if kind in RECORDS else None)
+    if chunked:
+        headers.append(("Transfer-Encoding", "chunked"))
     if not req.keep_alive:
         headers.append(("Connection", "close"))
+    framer = Framer(chunked, resp.getheader("content-type"))
     return resp.status, response_head(resp.status, headers), reader, framer
 
 # ================================================================================ Connections
@@ -389,12 +384,11 @@ class Connection:
             self.deadline = time.monotonic() + self.patience
 
     def close(self):
-        """Unregister, then close; closing twice is harmless."""
-        if not self.closed:
-            self.closed = True
-            self.gw.conns.discard(self)
-            self.update()  # closed, it wants nothing: unregistered before the socket closes
-            self.sock.close()
+        """Unregister, then close; closing twice is harmless (each step is)."""
+        self.closed = True
+        self.gw.conns.discard(self)
+        self.update()  # closed, it wants nothing: unregistered before the socket closes
+        self.sock.close()
 
 class Client(Connection):
     """One client connection: reads requests in order, answers or forwards each, writes back."""
@@ -475,7 +469,8 @@ class Client(Connection):
             return self.respond(*gw.own_endpoint(req))
         kind = "light" if LIGHT.fullmatch("%s %s" % (req.method, req.path)) else "active"
         busy = gw.in_flight(kind)
-        if kind == "active" and gw.access.over_share(req.user, busy.count(req.user)):
+        if kind == "active" and req.user and 0 < gw.args.max_per_key <= busy.count(req.user):
+            gw.access.use[req.user]["rejected"] += 1  # the key holds its share
             return self.respond(429, "this key holds its share, %d generations at once: retry "
                                 "when one ends" % gw.args.max_per_key, extra=RETRY_SOON)
         if len(busy) >= gw.args.max_active:
@@ -500,7 +495,7 @@ class Client(Connection):
                 status, "invalid_request_error" if status < 500 else "api_error")}
             v1 = req and req.path.startswith("/v1/")
             body = json.dumps({"error": error if v1 else body}).encode()
-        close = close or req is None or not req.keep_alive or self.gw.stop_requested
+        close = close or req is None or not req.keep_alive or self.gw.draining
         headers = [("Content-Type", content_type), ("Content-Length", len(body)),
                    ("Date", time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime()))]
         headers += list(extra) + ([("Connection", "close")] if close else [])
@@ -510,7 +505,7 @@ class Client(Connection):
 
     def end_response(self, data, close=False):
         """Queue the response's last bytes (None: cut it short), log it; hang up or read on."""
-        keep = self.request and self.request.keep_alive and not self.gw.stop_requested
+        keep = self.request and self.request.keep_alive and not self.gw.draining
         self.closing, self.upstream = self.closing or close or data is None or not keep, None
         self.send(data or b"")
         if not self.closed:  # (else close() has logged it)
@@ -518,13 +513,12 @@ class Client(Connection):
             self.request, self.status, self.first_byte, self.sent = None, None, None, 0
 
     def close(self):
-        """Hang up; a request under way is logged and its upstream closed (Ollama stops)."""
-        if self.closed:
-            return
-        self.closing = True
+        """Hang up; a request under way is logged (once) and its upstream closed (Ollama stops)."""
+        self.closing = True  # advance() starts nothing more
         if self.request:  # 499 only when it left before the response head, as nginx does
             self.gw.counters["streams_left_early"] += self.status is not None
             self.gw.log_request(self, 499 if self.status is None else self.status)
+            self.request = None
         if self.upstream:
             self.upstream.close()
         super().close()
@@ -532,7 +526,7 @@ class Client(Connection):
 class Upstream(Connection):
     """One request forwarded to Ollama, in a slot: connect, send, read the head, stream the body."""
     def __init__(self, gw, client, kind, wire):
-        self.client, self.kind, self.inbuf, self.tail = client, kind, bytearray(), b""
+        self.client, self.kind, self.inbuf, self.tail = client, kind, bytearray(), bytearray()
         self.user = client.request.user  # whose slot it is: the name of its key
         self.reader = self.framer = None  # once the response head is here
         self.patience = min(CONNECT_TIMEOUT, gw.args.upstream_timeout)  # to take the request
@@ -568,7 +562,8 @@ class Upstream(Connection):
                     return
                 out = self.start(head)
             body = self.reader.read(self.inbuf)
-            self.tail = (self.tail + body[-TAIL:])[-TAIL:]  # where Ollama reports its counts
+            self.tail += body  # the end of the body: where Ollama reports what it counted
+            del self.tail[:-TAIL]  # (from the front of a bytearray: no copy)
             out += self.framer.frame(body)
         except ProtocolError as e:
             self.client.send(out + (self.framer.frame(e.decoded) if e.decoded else b""))
@@ -582,7 +577,7 @@ class Upstream(Connection):
         if INTERIM.match(head):  # an interim 1xx response (103 Early Hints) is dropped
             return b""
         req = self.client.request
-        req.keep_alive = req.keep_alive and not self.gw.stop_requested  # (the last answer)
+        req.keep_alive = req.keep_alive and not self.gw.draining  # (the last answer)
         status, head, self.reader, self.framer = plan_response(head, req)
         self.gw.observe_ttfb(time.monotonic() - req.started)
         self.client.begin(status)
@@ -658,12 +653,6 @@ class Access:
             raise ProtocolError(403, "model management is off: start qlite.py with --allow-admin")
         return name or ""
 
-    def over_share(self, name, holding):
-        """Whether a key that holds this many generations holds its share (then: a 429)."""
-        full = bool(name) and 0 < self.args.max_per_key <= holding
-        self.use[name]["rejected"] += full
-        return full
-
     def metrics(self, active):
         """Each key's use as Prometheus lines, labelled with its name, never the key."""
         lines, names = [], sorted(set(self.keys.values()) | set(self.use) | set(active) - {""})
@@ -686,9 +675,8 @@ class Gateway(Connection):
         self.codes, self.ttfb_counts, self.ttfb_sum = {}, [0] * (len(TTFB_BUCKETS) + 1), 0.0
         self.counters = {"rejected": 0, "upstream_errors": 0, "streams_left_early": 0,
                          "response_bytes": 0, "generated_tokens": 0, "generation_seconds": 0.0}
-        self.conns, self.stop_requested = set(), False
-        self.draining, self.checked, self.down = 0.0, -NEVER, None  # drain end, last probe,
-        # and why that probe could not reach Ollama (None: it could)
+        self.conns, self.draining = set(), 0.0  # draining: when the drain after a signal ends
+        self.checked, self.down = -NEVER, None  # last probe; None, or why it failed to reach Ollama
         host, port = args.upstream
         # resolved once, at start-up; IPv4 first: "localhost" may give ::1 first, and Ollama
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)  # is on 127.0.0.1
@@ -758,7 +746,7 @@ class Gateway(Connection):
             return 405, "use GET or HEAD", "application/json", [("Allow", "GET, HEAD")]
         if req.path == "/qlite/metrics":
             return 200, self.metrics_page(), "text/plain; version=0.0.4; charset=utf-8"
-        status = "draining" if self.stop_requested else "down" if self.down else "ok"
+        status = "draining" if self.draining else "down" if self.down else "ok"
         health = dict(status=status, max_active=self.args.max_active, error=self.down,
                       upstream="http://" + self.upstream_host, active=len(self.in_flight("active")),
                       light=len(self.in_flight("light")))
@@ -801,13 +789,11 @@ class Gateway(Connection):
                 self.sweep(time.monotonic())
             for key, mask in self.sel.select(TICK):
                 self.call(key.data, key.data.on_event, mask)
-        return 0
 
     def sweep(self, now):
         """Drain after a signal; time out what waited too long; probe Ollama if nothing has."""
-        if self.stop_requested and not self.draining:  # stop listening, close idle clients;
-            self.draining = now + DRAIN  # requests in flight may run till then
-            self.close()
+        if self.draining and not self.closed:  # stop listening, close idle clients; requests
+            self.close()  # in flight may run till the drain ends
             for conn in [c for c in self.conns if isinstance(c, Client)]:
                 if conn.request is None and not (conn.outbuf or conn.inbuf or conn.closing):
                     conn.close()
@@ -820,10 +806,10 @@ class Gateway(Connection):
 
     def on_signal(self, signum, frame):
         """The first signal drains, a second one exits at once."""
-        if self.stop_requested:
+        if self.draining:
             raise SystemExit(1)  # a second signal: stop now
-        self.stop_requested = True  # the next sweep drains; new connections are refused now
-        with suppress(OSError):
+        self.draining = time.monotonic() + DRAIN  # the next sweep drains; new connections
+        with suppress(OSError):  # are refused now
             self.sock.shutdown(socket.SHUT_RD)
 
 
@@ -842,8 +828,8 @@ def main(argv=None):
         sys.exit("qlite: cannot resolve upstream %r: %s" % (args.upstream[0], e))
     except OSError as e:
         sys.exit("qlite: cannot listen on %s:%d: %s" % (args.host, args.port, e.strerror or e))
-    signal.signal(signal.SIGTERM, gw.on_signal)  # before the line that says we listen
-    signal.signal(signal.SIGINT, gw.on_signal)
+    for signum in (signal.SIGTERM, signal.SIGINT):  # before the line that says we listen
+        signal.signal(signum, gw.on_signal)
     signal.signal(signal.SIGHUP, gw.access.reload)
     host, port = gw.sock.getsockname()[:2]
     sys.stderr.write("qlite: listening on http://%s:%d, upstream http://%s, max %d active%s\n" % (
@@ -851,7 +837,7 @@ def main(argv=None):
         ", keys: %d" % len(gw.access.keys) if gw.access.required else ""
         if host in ("127.0.0.1", "::1")
         else " (no --api-key or --keys: anyone who can reach this port can use the model)"))
-    return gw.run()
+    gw.run()  # (returns None: exit status 0)
 
 if __name__ == "__main__":
     sys.exit(main())
