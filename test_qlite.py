@@ -2532,8 +2532,10 @@ class KeysCountTest(unittest.TestCase):
         c.request("POST", "/api/generate", {"n": 2, "hold": True}, headers=as_key("sk-bob-2"),
                   read=False)
         c.head()
-        self.assertEqual(gw.conn().request("POST", "/api/generate", {"n": 1},
-                                           headers=as_key("sk-bob-2")).status, 429)
+        over = gw.conn()
+        self.assertEqual(over.request("POST", "/api/generate", {"n": 1},
+                                      headers=as_key("sk-bob-2")).status, 429)
+        over.close()
         fake.release.set()
         self.assertEqual(len(c.read_chunks()[0]), 3)  # two tokens and the final line
         c.close()
