@@ -627,7 +627,7 @@ class Probe(Connection):
 # ================================================================================ Access
 
 class Access:
-    """Who may do what: whose each key is, how many generations a key may hold, the admin lock."""
+    """Who may do what: whose each key is, what each key used, the admin lock."""
     def __init__(self, args):
         self.args, self.required, self.keys = args, bool(args.api_key or args.keys), read_keys(args)
         self.use = defaultdict(functools.partial(dict.fromkeys, USE, 0))  # by name; "": no key
