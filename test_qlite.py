@@ -2781,6 +2781,17 @@ class HostileInputTest(GatewayCase):
         c.send(post + b"0\r\n" + b"A: 1\r\n" * 100 + b"\r\n")  # at the limit: read
         self.assertEqual(c.response().status, 200)
 
+    def test_a_long_run_of_spaces_in_a_header_costs_linear_time(self):
+        stream = self.conn()  # another client's stream must not stall behind the parse
+        stream.request("POST", "/api/generate", {"n": 2}, read=False)
+        started = time.monotonic()
+        reply = raw_exchange(self.gw.port, b"GET /api/version HTTP/1.1\r\nHost: x\r\nX: a"
+                             + b" " * 65000 + b"b\r\n\r\n")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply[:80])
+        self.assertLess(time.monotonic() - started, 3.0)  # quadratic: about 15 s
+        self.assertEqual(stream.head()[0], 200)
+        stream.close()
+
     def test_a_bare_cr_before_a_request_line_is_a_400(self):
         self.assert_refused(b"\rGET /api/tags HTTP/1.1\r\nHost: a\r\n\r\n", 400)
         self.assert_refused(b"\r\n\r\r\nGET /api/tags HTTP/1.1\r\nHost: a\r\n\r\n", 400)
