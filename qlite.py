@@ -656,7 +656,7 @@ class Access:
 
     def metrics(self, active):
         """Each key's use as Prometheus lines, labelled with its name, never the key."""
-        lines, names = [], sorted(set(self.keys.values()) | set(self.use) | set(active) - {""})
+        lines, names = [], sorted((set(self.keys.values()) | set(self.use) | set(active)) - {""})
         for what in USE:
             metric = "qlite_key_" + what + ("" if what == "active" else "_total")
             lines.append("# TYPE %s %s" % (metric, "gauge" if what == "active" else "counter"))

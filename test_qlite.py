@@ -2546,6 +2546,8 @@ class KeysCountTest(unittest.TestCase):
         bob = key_metrics(gw, "sk-bob-2")
         self.assertEqual((bob["rejected"], bob["prompt_tokens"], bob["completion_tokens"]),
                          (1, 4, 2))
+        self.assertEqual(gw.get("/api/version").status, 401)  # counted under no name
+        self.assertNotIn('key=""', gw.get("/qlite/metrics", headers=carol).body.decode())
         self.assertEqual(key_metrics(gw, "sk-alice-1")["requests"], 0)  # counted once it ends:
         self.assertEqual(key_metrics(gw, "sk-alice-1")["requests"], 1)  # the first question
         text = gw.get("/qlite/metrics", headers=carol).body.decode()
