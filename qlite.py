@@ -12,9 +12,9 @@ and what it used. A Client answers bad input, its own endpoints and refusals; an
 one chunk per NDJSON line or SSE event.
 """
 
-import argparse, functools, hashlib, http.client, io, json, os, posixpath, re, resource
-import selectors, signal, socket, sys, time, traceback, types
-from collections import defaultdict
+import argparse, bisect, hashlib, http.client, io, json, os, posixpath, re, resource
+import itertools, selectors, signal, socket, sys, time, traceback, types
+from collections import Counter, defaultdict
 from contextlib import suppress
 from urllib.parse import unquote, urlsplit
 
@@ -48,7 +48,7 @@ READ, WRITE, NEVER = selectors.EVENT_READ, selectors.EVENT_WRITE, float("inf")
 RETRY_SOON = [("Retry-After", "1")]  # with a 503 or 429 that nothing reached Ollama
 ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                429: "rate_limit_error"}  # the OpenAI error type, on /v1/
-USE = ("requests", "active", "rejected", "prompt_tokens", "completion_tokens")  # per key
+USE = ("requests", "active", "rejected", "prompt_tokens", "completion_tokens")  # per key, in order
 KEY_LINE = re.compile(r"([A-Za-z0-9_.-]+)\s+([!-~]+)")  # NAME KEY: a key is printable ASCII
 
 def parse_upstream(value):
@@ -143,10 +143,11 @@ def require(condition, status, message, headers=()):
     if not condition:
         raise ProtocolError(status, message, headers)
 
-def response_head(status, headers):
-    """A response head, with our own reason phrase, from a status and (name, value) pairs."""
+def response_head(status, headers, close=False):
+    """A response head with our own reason phrase; close: the connection closes after it."""
     lines = ["HTTP/1.1 %d %s" % (status, http.client.responses.get(status, ""))]
-    return ("\r\n".join(lines + ["%s: %s" % h for h in headers]) + "\r\n\r\n").encode("latin-1")
+    lines += ["%s: %s" % h for h in headers] + ["Connection: close"] * close
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 def read_head(buf, start=0, too_large=431):
     """Take a message head from the front of buf, or None; search from near start (no rescan)."""
@@ -323,25 +324,26 @@ def plan_response(head, req):
     headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP_BY_HOP
                and (resp.length is not None or k.lower() != "content-length")]
     reader = BodyReader(resp.length, resp.length is None and resp.chunked)  # (HEAD: length 0)
-    chunked = resp.length is None and req.version == "HTTP/1.1"  # an HTTP/1.0 client cannot
-    if resp.length is None:  # read chunks: closing delimits it (never kept alive, see Request)
+    chunked = resp.length is None and req.version == "HTTP/1.1"  # 1.0: delimited by closing
+    if resp.length is None:  # not framed by length: chunks, or until the upstream closes
         headers.append(("X-Accel-Buffering", "no"))  # so an nginx in front does not buffer
     if chunked:
         headers.append(("Transfer-Encoding", "chunked"))
-    if not req.keep_alive:
-        headers.append(("Connection", "close"))
     framer = Framer(chunked, resp.getheader("content-type"))
-    return resp.status, response_head(resp.status, headers), reader, framer
+    return resp.status, response_head(resp.status, headers, not req.keep_alive), reader, framer
 
 # ================================================================================ Connections
 
 class Connection:
     """A non-blocking socket owned by the loop: derived interest, buffered send, one deadline."""
     client = upstream = None  # the two ends of an exchange, where this is one of them
-    def __init__(self, gw, sock, out=()):  # a subclass first sets what its wants() reads
-        self.gw, self.sock, self.events, self.outbuf = gw, sock, 0, bytearray().join(out)
+    def __init__(self, gw, sock=None, out=()):  # a subclass first sets what its wants() reads
+        self.gw, self.events, self.outbuf = gw, 0, bytearray().join(out)
+        self.sock = sock or socket.socket(gw.upstream_family, socket.SOCK_STREAM)
         self.deadline, self.sent, self.closed = time.monotonic() + self.patience, 0, False
-        sock.setblocking(False)
+        self.sock.setblocking(False)
+        if sock is None:  # a socket of our own, to Ollama (an Upstream, the Probe): writable
+            self.sock.connect_ex(gw.upstream_addr)  # once connected, or once that failed
         gw.conns.add(self)
         self.update()
 
@@ -414,8 +416,8 @@ class Client(Connection):
     def received(self, data):
         if not data:
             return self.close()  # the client left: close() also cancels its upstream
-        if len(self.inbuf) > READ_SIZE:  # more pipelined than is kept: the response under way
-            self.closing = True  # is the last; what still comes is dropped, as after an error
+        # more pipelined than is kept: the response under way is the last, and what still comes
+        self.closing = self.closing or len(self.inbuf) > READ_SIZE  # is dropped, as after an error
         if not self.closing:
             self.inbuf += data
 
@@ -430,11 +432,9 @@ class Client(Connection):
     def drained(self):
         """All output is out: linger when closing, else wait for the upstream or a request."""
         if self.closing:  # shut our side and read until the client hangs up: a reset now
-            try:  # could destroy the answer before the client has read it
-                self.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                return self.close()
-            self.deadline = time.monotonic() + LINGER
+            with suppress(OSError):  # could destroy the answer before the client has read it
+                self.sock.shutdown(socket.SHUT_WR)  # (if it fails, the client is gone: the read
+            self.deadline = time.monotonic() + LINGER  # that READ reports at once closes it)
         else:  # while an upstream works, its own deadline governs
             self.deadline = NEVER if self.upstream else time.monotonic() + self.patience
 
@@ -496,12 +496,11 @@ class Client(Connection):
                 status, "invalid_request_error" if status < 500 else "api_error")}
             v1 = req and req.path.startswith("/v1/")
             body = json.dumps({"error": error if v1 else body}).encode()
-        close = close or req is None or not req.keep_alive or self.gw.draining
+        close = close or req is None or not req.keep_alive or self.gw.draining > 0
         headers = [("Content-Type", content_type), ("Content-Length", len(body)),
                    ("Date", time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime()))]
-        headers += list(extra) + ([("Connection", "close")] if close else [])
         self.begin(status)
-        self.end_response(response_head(status, headers)
+        self.end_response(response_head(status, headers + list(extra), close)
                           + (b"" if req and req.method == "HEAD" else body), close)
 
     def end_response(self, data, close=False):
@@ -510,16 +509,28 @@ class Client(Connection):
         self.closing, self.upstream = self.closing or close or data is None or not keep, None
         self.send(data or b"")
         if not self.closed:  # (else close() has logged it)
-            self.gw.log_request(self, self.status)
-            self.request, self.status, self.first_byte, self.sent = None, None, None, 0
+            self.finish(self.status)
+
+    def finish(self, status):
+        """The request is over: count it, in all and for its key, log it, and forget it."""
+        gw, req = self.gw, self.request
+        gw.codes[status] += 1
+        gw.counters["response_bytes"] += self.sent
+        gw.access.use[req.user if req else ""]["requests"] += 1
+        if not gw.args.quiet:
+            user, method, target, took = (req.user or "-", req.method, req.target, "%.3fs" % (
+                time.monotonic() - req.started)) if req else ("-", "-", "-", "0.000s")
+            ttfb = "%.3fs" % (self.first_byte - req.started) if self.first_byte and req else "-"
+            sys.stderr.write('%s %s "%s %s" %d %dB ttfb=%s %s\n' % (
+                self.addr, user, method, target, status, self.sent, ttfb, took))
+        self.request, self.status, self.first_byte, self.sent = None, None, None, 0
 
     def close(self):
         """Hang up; a request under way is logged (once) and its upstream closed (Ollama stops)."""
         self.closing = True  # advance() starts nothing more
         if self.request:  # 499 only when it left before the response head, as nginx does
             self.gw.counters["streams_left_early"] += self.status is not None
-            self.gw.log_request(self, 499 if self.status is None else self.status)
-            self.request = None
+            self.finish(499 if self.status is None else self.status)
         if self.upstream:
             self.upstream.close()
         super().close()
@@ -531,14 +542,11 @@ class Upstream(Connection):
         self.user = client.request.user  # whose slot it is: the name of its key
         self.reader = self.framer = None  # once the response head is here
         self.patience = min(CONNECT_TIMEOUT, gw.args.upstream_timeout)  # to take the request
-        super().__init__(gw, socket.socket(gw.upstream_family, socket.SOCK_STREAM), wire)
-        self.sock.connect_ex(gw.upstream_addr)  # wire leaves once writable (outside advance)
+        super().__init__(gw, None, wire)  # wire leaves once writable (outside advance)
 
     def wants(self):
         """Write the request; then read, unless the client has too much unsent output."""
-        if self.outbuf:
-            return WRITE
-        return 0 if len(self.client.outbuf) > HIGH_WATER else READ
+        return WRITE if self.outbuf else 0 if len(self.client.outbuf) > HIGH_WATER else READ
 
     def drained(self):
         """The whole request is out: from now on Ollama may think in silence."""
@@ -561,7 +569,8 @@ class Upstream(Connection):
                 head = read_head(self.inbuf, 0, 502)
                 if head is None:
                     return
-                out = self.start(head)
+                if not INTERIM.match(head):  # an interim 1xx response (103 Early Hints) is dropped
+                    out = self.start(head)
             body = self.reader.read(self.inbuf)
             self.tail += body  # the end of the body: where Ollama reports what it counted
             del self.tail[:-TAIL]  # (from the front of a bytearray: no copy)
@@ -570,13 +579,11 @@ class Upstream(Connection):
             self.client.send(out + (self.framer.frame(e.decoded) if e.decoded else b""))
             return self.end(str(e), e.status)
         self.client.send(out)
-        if self.reader.done and not self.closed:
+        if self.reader.done:  # (end() does nothing if the client's leaving closed this already)
             self.end()
 
     def start(self, head):
-        """A response head is here: choose how to read and frame the body; the client's head."""
-        if INTERIM.match(head):  # an interim 1xx response (103 Early Hints) is dropped
-            return b""
+        """The final response head is here: how to read and frame the body; the client's head."""
         req = self.client.request
         req.keep_alive = req.keep_alive and not self.gw.draining  # (the last answer)
         status, head, self.reader, self.framer = plan_response(head, req)
@@ -607,10 +614,6 @@ class Probe(Connection):
     """A bare connect to Ollama, once a second: whether it can be reached, or why not."""
     patience = PROBE_EVERY
 
-    def __init__(self, gw):
-        super().__init__(gw, socket.socket(gw.upstream_family, socket.SOCK_STREAM))
-        self.sock.connect_ex(gw.upstream_addr)
-
     def wants(self):
         return WRITE
 
@@ -631,7 +634,7 @@ class Access:
     """Who may do what: whose each key is, what each key used, the admin lock."""
     def __init__(self, args):
         self.args, self.required, self.keys = args, bool(args.api_key or args.keys), read_keys(args)
-        self.use = defaultdict(functools.partial(dict.fromkeys, USE, 0))  # by name; "": no key
+        self.use = defaultdict(Counter)  # what each key used, by name ("": no key), see USE
 
     def reload(self, signum=None, frame=None):
         """SIGHUP: read the keys again; a file that fails keeps the old ones, said in one line."""
@@ -673,7 +676,7 @@ class Gateway(Connection):
 
     def __init__(self, args):
         self.args, self.access, self.sel = args, Access(args), selectors.DefaultSelector()
-        self.codes, self.ttfb_counts, self.ttfb_sum = {}, [0] * (len(TTFB_BUCKETS) + 1), 0.0
+        self.codes, self.ttfb_counts, self.ttfb_sum = Counter(), [0] * (len(TTFB_BUCKETS) + 1), 0.0
         self.counters = {"rejected": 0, "upstream_errors": 0, "streams_left_early": 0,
                          "response_bytes": 0, "generated_tokens": 0, "generation_seconds": 0.0}
         self.conns, self.draining = set(), 0.0  # draining: when the drain after a signal ends
@@ -694,8 +697,7 @@ class Gateway(Connection):
     def on_event(self, mask):
         """Accept a client; out of descriptors, pause instead of spinning."""
         try:
-            sock, addr = self.sock.accept()
-            Client(self, sock, addr)
+            Client(self, *self.sock.accept())  # (the socket, its address)
         except BlockingIOError:
             pass
         except OSError:
@@ -708,10 +710,9 @@ class Gateway(Connection):
         """The key names of the requests of this kind with Ollama now (derived: never stale)."""
         return [c.user for c in self.conns if isinstance(c, Upstream) and c.kind == kind]
 
-    def observe_ttfb(self, seconds):
+    def observe_ttfb(self, seconds):  # counted in its own bucket: the page cumulates them
         self.ttfb_sum += seconds
-        for i, bound in enumerate(TTFB_BUCKETS + (NEVER,)):
-            self.ttfb_counts[i] += seconds <= bound
+        self.ttfb_counts[bisect.bisect_left(TTFB_BUCKETS, seconds)] += 1
 
     def observe_usage(self, use, tail):
         """Count the tokens Ollama reported at the end of an answer, for its key and in all."""
@@ -733,10 +734,10 @@ class Gateway(Connection):
         lines += ["# TYPE qlite_%s_total counter\nqlite_%s_total %r" % (n, n, v)
                   for n, v in self.counters.items()]
         lines.append("# TYPE qlite_time_to_first_byte_seconds histogram")
-        lines += ['qlite_time_to_first_byte_seconds_bucket{le="%s"} %d' % bucket
-                  for bucket in zip(TTFB_BUCKETS + ("+Inf",), self.ttfb_counts)]
+        lines += ['qlite_time_to_first_byte_seconds_bucket{le="%s"} %d' % bucket for bucket
+                  in zip(TTFB_BUCKETS + ("+Inf",), itertools.accumulate(self.ttfb_counts))]
         lines += ["qlite_time_to_first_byte_seconds_sum %r" % self.ttfb_sum,
-                  "qlite_time_to_first_byte_seconds_count %d" % self.ttfb_counts[-1]]
+                  "qlite_time_to_first_byte_seconds_count %d" % sum(self.ttfb_counts)]
         return ("\n".join(lines + self.access.metrics(active)) + "\n").encode()
 
     def own_endpoint(self, req):
@@ -752,19 +753,6 @@ class Gateway(Connection):
                       upstream="http://" + self.upstream_host, active=len(self.in_flight("active")),
                       light=len(self.in_flight("light")))
         return 200 if status == "ok" else 503, json.dumps(health).encode()
-
-    def log_request(self, client, status):
-        """Count a finished request, in all and for its key, and write its access-log line."""
-        req = client.request
-        self.codes[status] = self.codes.get(status, 0) + 1
-        self.counters["response_bytes"] += client.sent
-        self.access.use[req.user if req else ""]["requests"] += 1
-        if not self.args.quiet:
-            user, method, target, took = (req.user or "-", req.method, req.target, "%.3fs" % (
-                time.monotonic() - req.started)) if req else ("-", "-", "-", "0.000s")
-            ttfb = "%.3fs" % (client.first_byte - req.started) if client.first_byte and req else "-"
-            sys.stderr.write('%s %s "%s %s" %d %dB ttfb=%s %s\n' % (
-                client.addr, user, method, target, status, client.sent, ttfb, took))
 
     def call(self, conn, callback, *args):
         """Run one callback; whatever it raises ends that exchange only, never the loop."""
