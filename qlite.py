@@ -482,8 +482,7 @@ class Client(Connection):
                 req, gw.upstream_host, gw.access.required))
         except OSError as e:  # no descriptor left for it: refuse this request, serve on
             return self.respond(503, "cannot reach the upstream: %s" % e.strerror, extra=RETRY_SOON)
-        if not self.outbuf:
-            self.drained()
+        self.deadline = NEVER  # nothing is unsent (advance waits for that): the upstream rules
 
     def begin(self, status):  # a response head leaves now
         self.status, self.first_byte, self.sent = status, time.monotonic(), 0
