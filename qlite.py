@@ -208,24 +208,23 @@ class BodyReader:
 
     def read(self, buf):
         """Decode what buf holds: the body bytes it took."""
-        out, pos = [], 0
+        out = []
         try:
-            while pos < len(buf) and not self.done:
+            while buf and not self.done:
                 if self.left:  # (a slice of a bytearray is a copy: only as long as it must be)
-                    out.append(buf[pos:] if self.left >= len(buf) - pos else
-                               buf[pos:pos + self.left])
-                    pos, self.left = pos + len(out[-1]), self.left - len(out[-1])
+                    out.append(buf[:self.left] if self.left < len(buf) else buf[:])
+                    del buf[:len(out[-1])]  # (from the front of a bytearray: no copy)
+                    self.left -= len(out[-1])
                     self.done = not (self.left or self.chunked)
                     continue
-                eol = buf.find(b"\n", pos, pos + MAX_CHUNK_LINE + 2)  # a line and its CRLF
+                eol = buf.find(b"\n", 0, MAX_CHUNK_LINE + 2)  # a line and its CRLF
                 if eol < 0:  # matched only once whole: a regex run per byte that came would cost
-                    require(len(buf) - pos < MAX_CHUNK_LINE + 2, 400,  # quadratic time
+                    require(len(buf) < MAX_CHUNK_LINE + 2, 400,  # quadratic time
                             "chunk line over %d bytes" % MAX_CHUNK_LINE)
                     break
                 rule, problem = CHUNK_LINES[self.due]
-                line = rule.match(buf, pos, eol + 1)  # (a bare LF never matches)
+                line = rule.match(buf, 0, eol + 1)  # (a bare LF never matches)
                 require(line, 400, problem)
-                pos = eol + 1
                 if self.due == "size":
                     self.left = int(line.group(1), 16)
                     self.size += self.left
@@ -238,11 +237,10 @@ class BodyReader:
                     self.done, self.trailers = line.group(1) is None, self.trailers + 1
                     require(self.done or self.trailers <= MAX_HEADERS, 431,
                             "more than %d trailer fields" % MAX_HEADERS)
+                del buf[:eol + 1]  # only now: the match reads the line from buf
         except ProtocolError as e:
             e.decoded = b"".join(out)
             raise
-        finally:
-            del buf[:pos]
         return b"".join(out)
 
 def chunks(records):
@@ -283,13 +281,12 @@ class Framer:
         """The last bytes; after a failure an error record, or None to cut the body short."""
         if error and not self.kind:
             return None
-        if not self.chunked:
-            return b""
-        tail = self.frame(b"", final=True)
+        tail = self.frame(b"", final=True)  # (b"" for a body sent as it is)
         if error:  # what is left of an unfinished record is dropped
             sep, template = RECORDS[self.kind]
             self.partial = (sep if self.broken else b"") + template % json.dumps(error).encode()
-        return tail + (chunks([self.partial]) if self.partial else b"") + b"0\r\n\r\n"
+        rest = [self.partial] if self.partial else []  # an unended record, or the error record
+        return tail + chunks(rest) + b"0\r\n\r\n" * self.chunked  # then the last chunk, if chunked
 
 def upstream_request(req, host, strip_authorization):
     """The request for the upstream: end-to-end headers only, its own Host, a Content-Length."""
