@@ -1,15 +1,13 @@
 """Q-Lite: a tiny gateway that lets many people share one Ollama server safely.
 
 One thread runs one `selectors` loop over non-blocking sockets, each a Connection: the listener
-(the Gateway itself), each client (`Client`), each request forwarded to Ollama (`Upstream`) and
-the reachability probe (`Probe`). A Connection derives the events it wants from its state,
-queues what its socket cannot take yet and has one deadline; only the loop touches the selector,
-and an error ends the exchange that raised it, never the loop. Bytes stay in their connection's
-buffer until a pure reader takes them (request heads, bodies, response heads), so the result
-never depends on how TCP split them. `Access` knows whose each key is, its share of the slots
-and what it used. A Client answers bad input, its own endpoints and refusals; an Upstream has
-`http.client` write the request and parse the response head, and a Framer re-chunks the body,
-one chunk per NDJSON line or SSE event.
+(the Gateway), each client (`Client`), each request forwarded to Ollama (`Upstream`) and the
+reachability probe (`Probe`). A Connection derives the events it wants from its state, queues
+what its socket cannot take yet and has one deadline; an error ends the exchange that raised it,
+never the loop. Bytes stay in their connection's buffer until a pure reader takes them, so no
+result depends on how TCP split them. `Access` knows whose each key is, its share and its use;
+`http.client` writes each request to Ollama and parses the response head, and a Framer
+re-chunks the body, one chunk per NDJSON line or SSE event.
 """
 
 import argparse, bisect, hashlib, http.client, io, json, os, posixpath, re, resource
@@ -110,7 +108,6 @@ def read_keys(args):
         keys[sha256(entry[2])] = entry[1]
     return keys
 
-
 # ================================================================================ Wire helpers
 
 TOKEN = r"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
@@ -196,11 +193,7 @@ class Request:
         self.body = BodyReader(int(lengths[0]), bool(codings), max_body)
 
 class BodyReader:
-    """Takes a body from a buffer: of a known length, chunked (as strictly as h11), or to the end.
-
-    Only the bytes it used leave the buffer; bad framing raises ProtocolError carrying the body
-    bytes decoded before it. length None and not chunked: until the connection closes.
-    """
+    """Takes a body from a buffer, by length, chunked (as strictly as h11) or till the close."""
     def __init__(self, length=None, chunked=False, limit=None):
         self.chunked, self.limit, self.size, self.trailers = chunked, limit, 0, 0  # read so far
         self.left = 0 if chunked else NEVER if length is None else length  # due in this chunk
@@ -623,7 +616,6 @@ class Probe(Connection):
         self.gw.down = "upstream did not accept a connection in %gs" % PROBE_EVERY
         self.close()
 
-
 # ================================================================================ Access
 
 class Access:
@@ -662,7 +654,6 @@ class Access:
             lines += ['%s{key="%s"} %d' % (metric, name, active.count(name) if what == "active"
                                            else self.use[name][what]) for name in names]
         return lines
-
 
 # ================================================================================ The loop
 
@@ -796,7 +787,6 @@ class Gateway(Connection):
         self.draining = time.monotonic() + DRAIN  # the next sweep drains; new connections
         with suppress(OSError):  # are refused now
             self.sock.shutdown(socket.SHUT_RD)
-
 
 def main(argv=None):
     """Start Q-Lite: read the keys, raise the descriptor limit, listen, say where, run the loop."""
