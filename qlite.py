@@ -399,10 +399,6 @@ class Client(Connection):
         full = len(self.outbuf) > HIGH_WATER  # then its stall deadline watches it
         return (0 if full else READ) | (WRITE if self.outbuf or self.more else 0)
 
-    def on_event(self, mask):
-        super().on_event(mask)
-        self.advance()  # new requests, or output that drained below the high-water mark
-
     def received(self, data):
         if not data:
             return self.close()  # the client left: close() also cancels its upstream
@@ -449,7 +445,7 @@ class Client(Connection):
                 if not self.request.body.done:
                     return
                 self.dispatch()
-            self.more = True  # the rest on the next turn, when the socket takes output again
+            self.more = not self.upstream  # the rest next turn (after an upstream: at its end)
         except ProtocolError as e:  # hang up after it: where the next request starts is unknown
             self.respond(e.status, str(e), extra=e.headers, close=True)
 
@@ -528,7 +524,6 @@ class Upstream(Connection):
     """One request forwarded to Ollama, in a slot: connect, send, read the head, stream the body."""
     def __init__(self, gw, client, kind, wire):
         self.client, self.kind, self.inbuf, self.tail = client, kind, bytearray(), bytearray()
-        self.user = client.request.user  # whose slot it is: the name of its key
         self.reader = self.framer = None  # once the response head is here
         self.patience = min(CONNECT_TIMEOUT, gw.args.upstream_timeout)  # to take the request
         super().__init__(gw, None, wire)  # wire leaves once writable (outside advance)
@@ -548,10 +543,9 @@ class Upstream(Connection):
         """The head, then body bytes, re-framed for the client; bad framing fails the stream."""
         out = b""  # the client's head and the first body bytes leave in one send
         try:
-            if not data:
-                if self.reader and self.reader.left == NEVER:  # it ends with the connection
-                    return self.end()
-                raise ProtocolError(502, "upstream closed the connection early")
+            if not data:  # only a body read until the connection closes may end with it
+                early = not self.reader or self.reader.left != NEVER
+                return self.end("upstream closed the connection early" if early else None)
             self.deadline = time.monotonic() + self.gw.args.upstream_timeout
             self.inbuf += data
             while self.reader is None:
@@ -586,13 +580,12 @@ class Upstream(Connection):
             return
         self.gw.counters["upstream_errors"] += bool(error)
         if not error:  # what Ollama counted, from the end of the body
-            self.gw.observe_usage(self.gw.access.use[self.user], self.tail)
+            self.gw.observe_usage(self.gw.access.use[self.client.request.user], self.tail)
         self.close()
         if self.reader is None:
             self.client.respond(status, error)
         else:
             self.client.end_response(self.framer.end(error))
-        self.client.advance()
 
     def on_timeout(self, now):
         if self.wants():
@@ -695,7 +688,7 @@ class Gateway(Connection):
 
     def in_flight(self, kind):
         """The key names of the requests of this kind with Ollama now (derived: never stale)."""
-        return [c.user for c in self.conns if isinstance(c, Upstream) and c.kind == kind]
+        return [c.request.user for c in self.conns if c.upstream and c.upstream.kind == kind]
 
     def observe_ttfb(self, seconds):  # counted in its own bucket: the page cumulates them
         self.ttfb_sum += seconds
@@ -747,9 +740,11 @@ class Gateway(Connection):
         try:
             if not conn.closed:
                 callback(*args)
-            client.update()  # (an upstream that ran is its client's, or done with)
-            if client.upstream:
+            if client.upstream:  # (an upstream that ran is its client's, or done with)
                 client.upstream.update()
+            elif isinstance(client, Client):  # nothing upstream: start the requests waiting
+                client.advance()  # (new ones, or the next once the last answer is done with)
+            client.update()
         except Exception:
             traceback.print_exc()
             if client is not self:

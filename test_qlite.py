@@ -892,6 +892,24 @@ class ClientProtocolTest(GatewayCase):
         for _ in range(2000):  # and every one of a's is answered, in order
             self.assertEqual(a.response().json()["status"], "ok")
 
+    def test_a_request_forwarded_after_a_full_turn_of_pipelined_ones_leaves_the_loop_idle(self):
+        def cpu_seconds():  # the gateway's user and system time
+            with open("/proc/%d/stat" % self.gw.proc.pid) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        c, body = self.conn(), json.dumps({"n": 2, "hold": True}).encode()
+        c.send(b"GET /qlite/health HTTP/1.1\r\nHost: x\r\n\r\n" * 3  # the 4th of a turn...
+               + b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+               % (len(body), body))  # ...goes upstream, which holds it
+        for _ in range(3):
+            self.assertEqual(c.response().json()["status"], "ok")
+        self.assertEqual(c.head()[0], 200)
+        before = cpu_seconds()
+        time.sleep(1.0)  # no write interest while nothing waits to be written: no spinning
+        self.assertLess(cpu_seconds() - before, 0.3)
+        self.fake.release.set()
+        self.assertTrue(c.read_chunks()[1])
+
     def test_each_request_has_a_connection_of_its_own_upstream(self):
         c = self.conn()  # one kept-alive client connection...
         before = len(self.fake.requests)
