@@ -11,7 +11,7 @@ re-chunks the body, one chunk per NDJSON line or SSE event.
 """
 
 import argparse, bisect, hashlib, http.client, io, json, os, posixpath, re, resource
-import itertools, selectors, signal, socket, sys, time, traceback, types
+import itertools, pathlib, selectors, signal, socket, sys, time, traceback, types
 from collections import Counter, defaultdict
 from contextlib import suppress
 from urllib.parse import unquote, urlsplit
@@ -33,7 +33,7 @@ DRAIN = 30.0                # how long requests in flight may run after SIGTERM
 TICK = 0.25                 # deadline sweep period
 HOP_BY_HOP = {"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"}
 NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect"}
-ADMIN_PATHS = {"/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete"}
+ADMIN = re.compile(r"/+api/(?:(?:pull|push|create|copy|delete)\Z|blobs)")  # normpath keeps a //
 # requests that only ask what Ollama has: they cost it nothing and take no generation slot
 LIGHT = re.compile(r"(GET|HEAD) /|GET /api/(tags|ps|version)|POST /api/show|GET /v1/models(/.+)?"
                    r"|OPTIONS .*")  # a CORS preflight too: Ollama answers it at once
@@ -91,9 +91,8 @@ def sha256(key):
 def read_keys(args):
     """The keys in force, {SHA-256: name}: --api-key's, then the file's; ValueError: FILE:LINE."""
     keys = {sha256(args.api_key): "api-key"} if args.api_key else {}
-    try:
-        with open(args.keys or os.devnull, encoding="latin-1") as f:  # (latin-1: any byte reads)
-            lines = f.read().splitlines()
+    try:  # (latin-1: any byte reads)
+        lines = pathlib.Path(args.keys or os.devnull).read_text("latin-1").splitlines()
     except OSError as e:
         raise ValueError("cannot read %s: %s" % (args.keys, e.strerror or e))
     for number, line in enumerate(lines, 1):
@@ -633,8 +632,8 @@ class Access:
         if self.required and name is None and req.path != "/qlite/health" and not preflight:
             raise ProtocolError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                                 [("WWW-Authenticate", "Bearer")])  # (scheme in any case)
-        clean = "/" + posixpath.normpath(unquote(req.path)).lstrip("/")  # as Ollama's router
-        if (clean in ADMIN_PATHS or clean.startswith("/api/blobs")) and not self.args.allow_admin:
+        # model management, on the path as Ollama's router reads it
+        if ADMIN.match(posixpath.normpath(unquote(req.path))) and not self.args.allow_admin:
             raise ProtocolError(403, "model management is off: start qlite.py with --allow-admin")
         return name or ""
 
@@ -677,9 +676,8 @@ class Gateway(Connection):
     def on_event(self, mask):
         """Accept a client; out of descriptors, pause instead of spinning."""
         try:
-            Client(self, *self.sock.accept())  # (the socket, its address)
-        except BlockingIOError:
-            pass
+            with suppress(BlockingIOError):
+                Client(self, *self.sock.accept())  # (the socket, its address)
         except OSError:
             self.deadline = time.monotonic() + TICK
 
