@@ -285,8 +285,7 @@ def upstream_request(req, host, strip_authorization):
     body, req.parts = req.parts, []  # the body moves on as it came: not joined, not kept
     writer, wire = http.client.HTTPConnection(host), []
     writer.send = wire.append  # http.client writes the request; we keep the bytes
-    writer.putrequest(req.method, req.target, skip_host=True, skip_accept_encoding=True)
-    writer.putheader("Host", host)
+    writer.putrequest(req.method, req.target, skip_accept_encoding=True)  # Host: its own
     for name, values in req.fields.items():
         if not (name in NOT_FORWARDED or name in req.connection or name.startswith("proxy-")
                 or "_" in name  # as nginx does: a CGI-style upstream would read _ as -
