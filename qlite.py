@@ -277,8 +277,8 @@ class Framer:
         if error:  # what is left of an unfinished record is dropped
             sep, template = RECORDS[self.kind]
             self.partial = (sep if self.broken else b"") + template % json.dumps(error).encode()
-        rest = [self.partial] if self.partial else []  # an unended record, or the error record
-        return tail + chunks(rest) + b"0\r\n\r\n" * self.chunked  # then the last chunk, if chunked
+        # an unended record or the error record, if any, then the last chunk, if chunked
+        return tail + chunks([self.partial] if self.partial else []) + b"0\r\n\r\n" * self.chunked
 
 def upstream_request(req, host, strip_authorization):
     """The request for the upstream: end-to-end headers only, its own Host, a Content-Length."""
@@ -415,8 +415,8 @@ class Client(Connection):
 
     def drained(self):
         """All output is out: linger when closing, else wait for the upstream or a request."""
-        if self.closing:  # shut our side and read until the client hangs up: a reset now
-            with suppress(OSError):  # could destroy the answer before the client has read it
+        if self.closing and not self.upstream:  # shut our side, read till the client hangs up:
+            with suppress(OSError):  # a reset now could destroy the answer before it is read
                 self.sock.shutdown(socket.SHUT_WR)  # (if it fails, the client is gone: the read
             self.deadline = time.monotonic() + LINGER  # that READ reports at once closes it)
         else:  # while an upstream works, its own deadline governs
@@ -427,7 +427,7 @@ class Client(Connection):
         self.more = False
         try:
             for _ in range(4):  # so that nobody waits behind a client that pipelines many
-                if self.closing or self.upstream or self.outbuf:  # (WRITE resumes once it left)
+                if self.closed or self.closing or self.upstream or self.outbuf:  # (WRITE: once out)
                     return
                 if self.request is None:
                     head = read_head(self.inbuf, self.searched)
@@ -510,7 +510,6 @@ class Client(Connection):
 
     def close(self):
         """Hang up; a request under way is logged (once) and its upstream closed (Ollama stops)."""
-        self.closing = True  # advance() starts nothing more
         if self.request:  # 499 only when it left before the response head, as nginx does
             self.gw.counters["streams_left_early"] += self.status is not None
             self.finish(499 if self.status is None else self.status)
@@ -665,19 +664,17 @@ class Gateway(Connection):
         self.upstream_family, *_, self.upstream_addr = min(  # the first IPv4 address, if any
             infos, key=lambda info: info[0] != socket.AF_INET)
         self.upstream_host = "%s:%d" % ("[%s]" % host if ":" in host else host, port)
-        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-        super().__init__(self, socket.create_server((args.host, args.port), family=family,
-                                                    backlog=1024))
+        super().__init__(self, socket.create_server((args.host, args.port), backlog=1024,
+                         family=socket.AF_INET6 if ":" in args.host else socket.AF_INET))
 
     def wants(self):
         return READ if self.deadline == NEVER else 0  # a deadline: accepting is paused till then
 
     def on_event(self, mask):
-        """Accept a client; out of descriptors, pause instead of spinning."""
+        """Accept a client; if that fails (out of descriptors), pause instead of spinning."""
         try:
-            with suppress(BlockingIOError):
-                Client(self, *self.sock.accept())  # (the socket, its address)
-        except OSError:
+            Client(self, *self.sock.accept())  # (the socket, its address)
+        except OSError:  # (a readiness with nobody to accept too: a tick's pause is harmless)
             self.deadline = time.monotonic() + TICK
 
     def on_timeout(self, now):

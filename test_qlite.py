@@ -67,6 +67,15 @@ def holds_connection(pid, local_port, remote_port):
     return False
 
 
+def unread_bytes(local_port, remote_port):
+    """Bytes the kernel still holds on the loopback connection between these ports, both ways."""
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return sum(int(n, 16) for row in rows for n in row[4].split(":")
+               if {row[1].split(":")[1], row[2].split(":")[1]}
+               == {"%04X" % local_port, "%04X" % remote_port})
+
+
 def http_date():
     return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())
 
@@ -891,6 +900,20 @@ class ClientProtocolTest(GatewayCase):
         self.assertLess(done - before, 1000)
         for _ in range(2000):  # and every one of a's is answered, in order
             self.assertEqual(a.response().json()["status"], "ok")
+
+    def test_a_stream_runs_to_its_end_though_too_much_is_pipelined_behind_it(self):
+        c = self.conn()
+        c.request("POST", "/api/generate", {"n": 5, "hold": True}, read=False)
+        self.assertEqual(c.head()[0], 200)
+        self.assertIsNotNone(c.read_chunk())  # the fake holds the rest
+        c.send(b"GET /qlite/health HTTP/1.1\r\nHost: x\r\n\r\n" * 10000)  # 390 KB, dropped
+        ports = c.sock.getsockname()[1], self.gw.port
+        wait_for(lambda: unread_bytes(*ports) == 0, message="the gateway to read it all")
+        self.fake.release.set()
+        chunks, complete = c.read_chunks()  # the stream is the last answer, and a whole one
+        self.assertTrue(complete)
+        self.assertEqual(len(chunks), 5)  # 4 tokens and the done line
+        self.assertTrue(c.closed_by_peer())
 
     def test_a_request_forwarded_after_a_full_turn_of_pipelined_ones_leaves_the_loop_idle(self):
         def cpu_seconds():  # the gateway's user and system time
