@@ -246,10 +246,12 @@ class Framer:
     def __init__(self, chunked, media_type=None):  # (in any case, with any parameters)
         kind = (media_type or "").split(";")[0].strip().lower()
         self.chunked, self.kind = chunked, kind if chunked and kind in RECORDS else None
-        self.partial, self.broken = b"", False  # see frame()
+        self.partial, self.broken, self.tail = b"", False, bytearray()  # see frame()
 
     def frame(self, data, final=False):
         """What the client gets for body bytes that arrived; final: the body has ended."""
+        self.tail += data  # the end of the body: where Ollama reports the tokens it counted
+        del self.tail[:-TAIL]  # (from the front of a bytearray: no copy)
         if self.kind is None:
             return chunks([data]) if data and self.chunked else data
         data = self.partial + data
@@ -305,12 +307,11 @@ def plan_response(head, req):
         resp.begin()
     except (http.client.HTTPException, ValueError) as e:
         raise ProtocolError(502, "upstream sent a malformed response head (%s)" % type(e).__name__)
-    lengths = set(resp.headers.get_all("content-length", []))  # as strict as with requests
-    require(len(lengths) <= 1 and all(n.isdigit() for n in lengths) and all(
+    lengths = set(resp.headers.get_all("content-length", []))  # as strict as with requests:
+    require(len(lengths) + resp.chunked <= 1 and all(n.isdigit() for n in lengths) and all(
         HEADER_LINE.match(line) for line in re.split(r"\r?\n", head.decode("latin-1"))[1:]),
-        502, "upstream sent an invalid response head")
-    headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP_BY_HOP
-               and (resp.length is not None or k.lower() != "content-length")]
+        502, "upstream sent an invalid response head")  # one length or chunked, as nginx wants
+    headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP_BY_HOP]
     reader = BodyReader(resp.length, resp.length is None and resp.chunked)  # (HEAD: length 0)
     chunked = resp.length is None and req.version == "HTTP/1.1"  # 1.0: delimited by closing
     if resp.length is None:  # not framed by length: chunks, or until the upstream closes
@@ -520,7 +521,7 @@ class Client(Connection):
 class Upstream(Connection):
     """One request forwarded to Ollama, in a slot: connect, send, read the head, stream the body."""
     def __init__(self, gw, client, kind, wire):
-        self.client, self.kind, self.inbuf, self.tail = client, kind, bytearray(), bytearray()
+        self.client, self.kind, self.inbuf = client, kind, bytearray()
         self.reader = self.framer = None  # once the response head is here
         self.patience = min(CONNECT_TIMEOUT, gw.args.upstream_timeout)  # to take the request
         super().__init__(gw, None, wire)  # wire leaves once writable (outside advance)
@@ -551,10 +552,7 @@ class Upstream(Connection):
                     return
                 if not INTERIM.match(head):  # an interim 1xx response (103 Early Hints) is dropped
                     out = self.start(head)
-            body = self.reader.read(self.inbuf)
-            self.tail += body  # the end of the body: where Ollama reports what it counted
-            del self.tail[:-TAIL]  # (from the front of a bytearray: no copy)
-            out += self.framer.frame(body)
+            out += self.framer.frame(self.reader.read(self.inbuf))
         except ProtocolError as e:
             self.client.send(out + (self.framer.frame(e.decoded) if e.decoded else b""))
             return self.end(str(e), e.status)
@@ -576,12 +574,11 @@ class Upstream(Connection):
         if self.closed:
             return
         self.gw.counters["upstream_errors"] += bool(error)
-        if not error:  # what Ollama counted, from the end of the body
-            self.gw.observe_usage(self.gw.access.use[self.client.request.user], self.tail)
         self.close()
         if self.reader is None:
             self.client.respond(status, error)
-        else:
+        else:  # what Ollama counted, from the end of the body (though it then broke)
+            self.gw.observe_usage(self.gw.access.use[self.client.request.user], self.framer.tail)
             self.client.end_response(self.framer.end(error))
 
     def on_timeout(self, now):
@@ -649,7 +646,7 @@ class Access:
 
 class Gateway(Connection):
     """The listening socket, the selector, the slots, the counters and the loop."""
-    patience = NEVER  # its deadline is set only to pause accepting
+    patience = 0.0  # its deadline: when to probe Ollama next (the first time at once)
 
     def __init__(self, args):
         self.args, self.access, self.sel = args, Access(args), selectors.DefaultSelector()
@@ -657,7 +654,7 @@ class Gateway(Connection):
         self.counters = {"rejected": 0, "upstream_errors": 0, "streams_left_early": 0,
                          "response_bytes": 0, "generated_tokens": 0, "generation_seconds": 0.0}
         self.conns, self.draining = set(), 0.0  # draining: when the drain after a signal ends
-        self.checked, self.down = -NEVER, None  # last probe; None, or why it failed to reach Ollama
+        self.paused, self.down = False, None  # down: None, or why the probe failed to reach Ollama
         host, port = args.upstream
         # resolved once, at start-up; IPv4 first: "localhost" may give ::1 first, and Ollama
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)  # is on 127.0.0.1
@@ -668,17 +665,20 @@ class Gateway(Connection):
                          family=socket.AF_INET6 if ":" in args.host else socket.AF_INET))
 
     def wants(self):
-        return READ if self.deadline == NEVER else 0  # a deadline: accepting is paused till then
+        return 0 if self.paused else READ
 
     def on_event(self, mask):
-        """Accept a client; if that fails (out of descriptors), pause instead of spinning."""
+        """Accept a client; if that fails (out of descriptors), pause till the next probe."""
         try:
             Client(self, *self.sock.accept())  # (the socket, its address)
-        except OSError:  # (a readiness with nobody to accept too: a tick's pause is harmless)
-            self.deadline = time.monotonic() + TICK
+        except OSError:  # (a readiness with nobody to accept too: a short pause is harmless)
+            self.paused = True
 
     def on_timeout(self, now):
-        self.deadline = NEVER
+        """Probe Ollama (each probe gives up after PROBE_EVERY), and accept again if paused."""
+        self.paused, self.deadline = False, now + PROBE_EVERY
+        with suppress(OSError):  # out of descriptors: the next probe tries again
+            Probe(self)
 
     def in_flight(self, kind):
         """The key names of the requests of this kind with Ollama now (derived: never stale)."""
@@ -756,7 +756,7 @@ class Gateway(Connection):
                 self.call(key.data, key.data.on_event, mask)
 
     def sweep(self, now):
-        """Drain after a signal; time out what waited too long; probe Ollama if nothing has."""
+        """Drain after a signal; time out what waited too long (the listener: probe Ollama)."""
         if self.draining and not self.closed:  # stop listening, close idle clients; requests
             self.close()  # in flight may run till the drain ends
             for conn in [c for c in self.conns if isinstance(c, Client)]:
@@ -764,10 +764,6 @@ class Gateway(Connection):
                     conn.close()
         for conn in [c for c in self.conns if now >= c.deadline]:
             self.call(conn, conn.on_timeout, now)
-        if now - self.checked >= PROBE_EVERY and not self.draining:
-            self.checked = now  # a probe at a time: each gives up after PROBE_EVERY
-            with suppress(OSError):  # out of descriptors: the next sweep tries again
-                Probe(self)
 
     def on_signal(self, signum, frame):
         """The first signal drains, a second one exits at once."""

@@ -330,6 +330,8 @@ class FakeOllama:
             else:
                 conn.sendall(wire)
             sent += len(group)
+        if fail and sent >= fail_after:  # every record out, then the failure
+            return self.fail_stream(conn, fail)
         if opts.get("hold_end") and self.wait_peer(conn):  # all records out, the end held back
             return False
         if framing == "chunked":
@@ -1196,7 +1198,7 @@ class UpstreamFailureTest(GatewayCase):
     def test_an_invalid_response_head_is_a_502_as_in_nginx(self):
         for line in ("X-A: a\r\n b", "X-A: a\x00b", "X-A: a\rInjected: 1", "Content-Length : 2",
                      "Content-Length: 2\r\nContent-Length: 5", "Content-Length: 1_0",
-                     "Content-Length: +2"):
+                     "Content-Length: +2", "Transfer-Encoding: chunked\r\nContent-Length: 2"):
             with self.subTest(line=line):
                 r = self.post("/api/generate", {"raw_head": "HTTP/1.1 200 OK\r\n%s\r\n\r\nokok"
                                                 % line})
@@ -2595,6 +2597,25 @@ class KeysCountTest(unittest.TestCase):
         self.assertIn("# TYPE qlite_key_active gauge", text)
         self.assertIn("# TYPE qlite_key_prompt_tokens_total counter", text)
         self.assertIn("qlite_generated_tokens_total 10\n", text)  # Ollama's own API: 3 + 5 + 2
+
+    def test_tokens_count_once_reported_though_the_stream_then_breaks(self):
+        fake = FakeOllama()
+        self.addCleanup(fake.stop)
+        gw = GatewayProcess(fake.port, "--keys", keys_file(), "--quiet")
+        self.addCleanup(gw.stop)
+        for fail_after, lines, tokens in ((2, 3, (0, 0)),  # broken before Ollama's counts
+                                          (4, 5, (4, 3))):  # broken after its final line
+            with self.subTest(fail_after=fail_after):
+                c = gw.conn()
+                r = c.request("POST", "/api/generate", {"n": 3, "fail": "badchunk",
+                                                        "fail_after": fail_after},
+                              headers=as_key("sk-carol-3"))
+                c.close()
+                self.assertEqual(len(r.chunks), lines)
+                self.assertIn("error", json.loads(r.chunks[-1]))  # our error line ends it
+                wait_for(lambda: key_metrics(gw, "sk-carol-3")["active"] == 0, message="freed")
+                use = key_metrics(gw, "sk-carol-3")
+                self.assertEqual((use["prompt_tokens"], use["completion_tokens"]), tokens)
 
 
 class KeysReloadTest(unittest.TestCase):
