@@ -250,7 +250,7 @@ class Framer:
 
     def frame(self, data, final=False):
         """What the client gets for body bytes that arrived; final: the body has ended."""
-        self.tail += data  # the end of the body: where Ollama reports the tokens it counted
+        self.tail += data  # its last TAIL bytes: where Ollama reports the tokens it counted
         del self.tail[:-TAIL]  # (from the front of a bytearray: no copy)
         if self.kind is None:
             return chunks([data]) if data and self.chunked else data
@@ -279,7 +279,6 @@ class Framer:
         if error:  # what is left of an unfinished record is dropped
             sep, template = RECORDS[self.kind]
             self.partial = (sep if self.broken else b"") + template % json.dumps(error).encode()
-        # an unended record or the error record, if any, then the last chunk, if chunked
         return tail + chunks([self.partial] if self.partial else []) + b"0\r\n\r\n" * self.chunked
 
 def upstream_request(req, host, strip_authorization):
@@ -656,10 +655,9 @@ class Gateway(Connection):
         self.conns, self.draining = set(), 0.0  # draining: when the drain after a signal ends
         self.paused, self.down = False, None  # down: None, or why the probe failed to reach Ollama
         host, port = args.upstream
-        # resolved once, at start-up; IPv4 first: "localhost" may give ::1 first, and Ollama
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)  # is on 127.0.0.1
-        self.upstream_family, *_, self.upstream_addr = min(  # the first IPv4 address, if any
-            infos, key=lambda info: info[0] != socket.AF_INET)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)  # once, at start-up
+        self.upstream_family, *_, self.upstream_addr = min(  # IPv4 first: "localhost" may give
+            infos, key=lambda info: info[0] != socket.AF_INET)  # ::1 first; Ollama is on 127.0.0.1
         self.upstream_host = "%s:%d" % ("[%s]" % host if ":" in host else host, port)
         super().__init__(self, socket.create_server((args.host, args.port), backlog=1024,
                          family=socket.AF_INET6 if ":" in args.host else socket.AF_INET))
@@ -674,10 +672,9 @@ class Gateway(Connection):
         except OSError:  # (a readiness with nobody to accept too: a short pause is harmless)
             self.paused = True
 
-    def on_timeout(self, now):
-        """Probe Ollama (each probe gives up after PROBE_EVERY), and accept again if paused."""
-        self.paused, self.deadline = False, now + PROBE_EVERY
-        with suppress(OSError):  # out of descriptors: the next probe tries again
+    def on_timeout(self, now):  # the next probe is due; a pause in accepting ends too
+        self.paused, self.deadline = False, now + PROBE_EVERY  # (each probe gives up by then)
+        with suppress(OSError):  # out of descriptors: the next one tries again
             Probe(self)
 
     def in_flight(self, kind):
