@@ -126,7 +126,7 @@ CHUNK_LINES = {due: (re.compile(rule.encode()), problem) for due, rule, problem 
     ("end", r"\r\n", "chunk longer than its size"),  # the CRLF after a chunk's data
     ("trailer", r"(?:%s)?\r\n" % FIELD, "malformed trailer line"))}
 USAGE = re.compile(rb'"(prompt_eval_count|eval_count|eval_duration|prompt_tokens|'
-                   rb'completion_tokens)": ?(\d+)')  # Ollama's counts, and OpenAI's usage
+                   rb'completion_tokens)": ?(\d+)[,}\s]')  # Ollama's counts, and OpenAI's usage
 
 class ProtocolError(Exception):
     """Input we will not pass on, with the HTTP status (and headers) to answer it with."""
@@ -306,10 +306,10 @@ def plan_response(head, req):
         resp.begin()
     except (http.client.HTTPException, ValueError) as e:
         raise ProtocolError(502, "upstream sent a malformed response head (%s)" % type(e).__name__)
-    lengths = set(resp.headers.get_all("content-length", []))  # as strict as with requests:
-    require(len(lengths) + resp.chunked <= 1 and all(n.isdigit() for n in lengths) and all(
+    lengths = set(resp.headers.get_all("content-length", []))  # one, or chunked, as nginx wants
+    require(len(lengths) + resp.chunked <= 1 and all(n.isdecimal() for n in lengths) and all(
         HEADER_LINE.match(line) for line in re.split(r"\r?\n", head.decode("latin-1"))[1:]),
-        502, "upstream sent an invalid response head")  # one length or chunked, as nginx wants
+        502, "upstream sent an invalid response head")  # (latin-1: decimal is only 0-9)
     headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP_BY_HOP]
     reader = BodyReader(resp.length, resp.length is None and resp.chunked)  # (HEAD: length 0)
     chunked = resp.length is None and req.version == "HTTP/1.1"  # 1.0: delimited by closing
@@ -673,9 +673,9 @@ class Gateway(Connection):
             self.paused = True
 
     def on_timeout(self, now):  # the next probe is due; a pause in accepting ends too
-        self.paused, self.deadline = False, now + PROBE_EVERY  # (each probe gives up by then)
         with suppress(OSError):  # out of descriptors: the next one tries again
             Probe(self)
+        self.paused, self.deadline = False, time.monotonic() + PROBE_EVERY  # the probe's is earlier
 
     def in_flight(self, kind):
         """The key names of the requests of this kind with Ollama now (derived: never stale)."""

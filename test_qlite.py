@@ -281,6 +281,9 @@ class FakeOllama:
             return False
         sse = path.startswith("/v1/")
         records = self.records(path, opts, n)
+        if "cut_at" in opts:  # the last record ends early, just after these bytes
+            end = records[-1].index(opts["cut_at"].encode()) + len(opts["cut_at"])
+            records[-1] = records[-1][:end]
         if opts.get("stream") is False and sse:  # Ollama puts its usage last, as OpenAI does
             return self.send_json(conn, 200, {
                 "id": "c1", "object": "chat.completion", "created": 1, "model": "fake",
@@ -1198,7 +1201,8 @@ class UpstreamFailureTest(GatewayCase):
     def test_an_invalid_response_head_is_a_502_as_in_nginx(self):
         for line in ("X-A: a\r\n b", "X-A: a\x00b", "X-A: a\rInjected: 1", "Content-Length : 2",
                      "Content-Length: 2\r\nContent-Length: 5", "Content-Length: 1_0",
-                     "Content-Length: +2", "Transfer-Encoding: chunked\r\nContent-Length: 2"):
+                     "Content-Length: +2", "Transfer-Encoding: chunked\r\nContent-Length: 2",
+                     "Content-Length: \u00b2"):  # a digit to str.isdigit(), not to int()
             with self.subTest(line=line):
                 r = self.post("/api/generate", {"raw_head": "HTTP/1.1 200 OK\r\n%s\r\n\r\nokok"
                                                 % line})
@@ -2603,12 +2607,14 @@ class KeysCountTest(unittest.TestCase):
         self.addCleanup(fake.stop)
         gw = GatewayProcess(fake.port, "--keys", keys_file(), "--quiet")
         self.addCleanup(gw.stop)
-        for fail_after, lines, tokens in ((2, 3, (0, 0)),  # broken before Ollama's counts
-                                          (4, 5, (4, 3))):  # broken after its final line
-            with self.subTest(fail_after=fail_after):
+        for options, lines, tokens in (  # tokens: the key's, in all
+                ({"n": 3, "fail_after": 2}, 3, (0, 0)),  # broken before Ollama's counts
+                ({"n": 3, "fail_after": 4}, 5, (4, 3)),  # broken after its final line
+                # broken inside it, in eval_count's 12: a number cut short is not counted
+                ({"n": 12, "fail_after": 13, "cut_at": '"eval_count":1'}, 13, (4 + 4, 3 + 0))):
+            with self.subTest(**options):
                 c = gw.conn()
-                r = c.request("POST", "/api/generate", {"n": 3, "fail": "badchunk",
-                                                        "fail_after": fail_after},
+                r = c.request("POST", "/api/generate", dict(options, fail="badchunk"),
                               headers=as_key("sk-carol-3"))
                 c.close()
                 self.assertEqual(len(r.chunks), lines)
