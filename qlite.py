@@ -778,11 +778,11 @@ def main(argv=None):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     try:  # a mistake is one line on stderr and exit status 1 (2 for the keys, as for flags)
         gw = Gateway(args)
+    except (socket.gaierror, UnicodeError) as e:  # (UnicodeError: a name IDNA cannot encode)
+        sys.exit("qlite: cannot resolve upstream %r: %s" % (args.upstream[0], e))
     except ValueError as e:
         sys.stderr.write("qlite: %s\n" % e)
         return 2
-    except socket.gaierror as e:
-        sys.exit("qlite: cannot resolve upstream %r: %s" % (args.upstream[0], e))
     except OSError as e:
         sys.exit("qlite: cannot listen on %s:%d: %s" % (args.host, args.port, e.strerror or e))
     for signum in (signal.SIGTERM, signal.SIGINT):  # before the line that says we listen

@@ -2134,6 +2134,12 @@ class CommandLineTest(unittest.TestCase):
                 self.assertIn(needle, p.stderr.strip().splitlines()[-1])
                 self.assertNotIn("Traceback", p.stderr)
 
+    def test_an_upstream_name_that_cannot_be_resolved_is_one_line_and_exit_status_1(self):
+        p = run_qlite("--upstream", "http://bad..host:1")  # (an empty label: no DNS asked)
+        self.assertEqual(p.returncode, 1)
+        self.assertEqual(p.stderr.strip().splitlines(), [p.stderr.strip()])
+        self.assertIn("qlite: cannot resolve upstream 'bad..host'", p.stderr)
+
     def test_port_in_use_names_the_address(self):
         taken = socket.create_server(("127.0.0.1", 0))
         try:
@@ -3283,6 +3289,28 @@ class UpstreamHealthTest(unittest.TestCase):
         start = time.monotonic()
         wait_for(lambda: health(503), message="health 503 once Ollama stopped")
         self.assertLess(time.monotonic() - start, 3.0)
+
+
+class SilentUpstreamTest(unittest.TestCase):
+    """An Ollama host that takes no connection (its accept queue full: SYNs are dropped)."""
+
+    def test_a_connect_that_hangs_is_a_504_and_the_probe_says_why(self):
+        listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+        self.addCleanup(listener.close)
+        held = socket.create_connection(listener.getsockname())  # fills the queue, never accepted
+        self.addCleanup(held.close)
+        gw = GatewayProcess(listener.getsockname()[1], "--upstream-timeout", "1")
+        self.addCleanup(gw.stop)
+        start = time.monotonic()
+        c = gw.conn()
+        r = c.request("POST", "/api/generate", {"n": 1})
+        c.close()
+        self.assertEqual(r.status, 504)
+        self.assertIn("did not answer in time", r.json()["error"])
+        self.assertLess(time.monotonic() - start, 3.0)
+        body = wait_for(lambda: gw.get("/qlite/health").json()["error"], message="probe gave up")
+        self.assertEqual(body, "upstream did not accept a connection in 1s")
+        self.assertEqual(gw.health()["active"], 0)  # the slot is free again
 
 
 # ======================================================================== scale out behind nginx
