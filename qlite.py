@@ -35,8 +35,8 @@ HOP_BY_HOP = {"connection", "keep-alive", "te", "trailer", "transfer-encoding", 
 NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect"}
 ADMIN = re.compile(r"/+api/(?:(?:pull|push|create|copy|delete)\Z|blobs)")  # normpath keeps a //
 # requests that only ask what Ollama has: they cost it nothing and take no generation slot
-LIGHT = re.compile(r"(GET|HEAD) /|GET /api/(tags|ps|version)|POST /api/show|GET /v1/models(/.+)?"
-                   r"|OPTIONS .*")  # a CORS preflight too: Ollama answers it at once
+LIGHT = re.compile(r"(GET|HEAD) /(api/(tags|version))?|GET /api/ps|POST /api/show"  # as routed
+                   r"|GET /v1/models(/.+)?|OPTIONS .*")  # a CORS preflight too: answered at once
 TTFB_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 NDJSON = "application/x-ndjson"
 RECORDS = {  # media type: what ends a record cut short, and the error record that ends a stream

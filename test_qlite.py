@@ -1019,13 +1019,15 @@ class CapTest(GatewayCase):
         held = self.hold(10)
         light = (("GET", "/api/tags", None), ("GET", "/api/ps", None), ("GET", "/api/version", None),
                  ("POST", "/api/show", {"model": "fake"}), ("GET", "/v1/models", None),
-                 ("GET", "/v1/models/fake", None), ("GET", "/", None), ("HEAD", "/", None))
+                 ("GET", "/v1/models/fake", None), ("GET", "/", None), ("HEAD", "/", None),
+                 ("HEAD", "/api/tags", None), ("HEAD", "/api/version", None))  # as Ollama routes
         for method, path, body in light:
             with self.subTest(path=path, method=method):
                 before = self.fake.count(path)
                 self.assertNotEqual(self.conn().request(method, path, body).status, 503)
                 self.assertEqual(self.fake.count(path), before + 1)  # it reached Ollama
-        for method, path in (("POST", "/api/unknown"), ("POST", "/api/tags"), ("GET", "/api/x")):
+        for method, path in (("POST", "/api/unknown"), ("POST", "/api/tags"), ("GET", "/api/x"),
+                             ("HEAD", "/api/ps")):  # (GET only, in Ollama's router)
             with self.subTest(path=path, method=method):  # anything else takes a slot
                 self.assertEqual(self.conn().request(method, path, {}).status, 503)
         shows = []
@@ -2527,8 +2529,9 @@ class KeysTest(GatewayCase):
                                 headers=as_key("sk-alice-1"))
         self.assertEqual((r.status, r.json()["error"]["type"]), (429, "rate_limit_error"))
         self.assertEqual(len(self.fake.requests), forwarded)  # nothing reached Ollama
-        light = self.conn().request("GET", "/api/tags", headers=as_key("sk-alice-1"))
-        self.assertEqual(light.status, 200)  # listing models is not counted against the share
+        for method in ("GET", "HEAD"):  # listing models is not counted against the share
+            light = self.conn().request(method, "/api/tags", headers=as_key("sk-alice-1"))
+            self.assertEqual(light.status, 200)
         other = self.conn().request("POST", "/api/generate", {"n": 3}, headers=as_key("sk-bob-2"))
         self.assertEqual((other.status, len(other.chunks)), (200, 4))
         self.assertEqual(key_metrics(self.gw, "sk-alice-1")["rejected"], before["rejected"] + 2)
