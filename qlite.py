@@ -383,13 +383,12 @@ class Connection:
 
 class Client(Connection):
     """One client connection: reads requests in order, answers or forwards each, writes back."""
+    request = status = first_byte = None  # the request read or served, its head's status and time
+    closing, more, searched = False, False, 0  # see drained, advance
     def __init__(self, gw, sock, addr):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.addr, self.inbuf = "%s:%s" % addr[:2], bytearray()
         self.patience = gw.args.client_timeout  # to send a whole request, to take output
-        # the request being read or served, its Upstream, the status and time of its head
-        self.request = self.upstream = self.status = self.first_byte = None
-        self.closing, self.more, self.searched = False, False, 0  # see drained, advance
         super().__init__(gw, sock)
 
     def wants(self):
