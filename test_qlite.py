@@ -543,7 +543,8 @@ class GatewayProcess:
                                      stderr=subprocess.PIPE, text=True, env=env)
         self.lines = queue.Queue()
         self.log = []
-        threading.Thread(target=self.pump, daemon=True).start()
+        self.pumping = threading.Thread(target=self.pump, daemon=True)
+        self.pumping.start()
         first = self.lines.get(timeout=TIMEOUT)
         match = re.search(r"listening on http://[^ ]+:(\d+)", first or "")
         if not match:
@@ -579,6 +580,7 @@ class GatewayProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(TIMEOUT)
+        self.pumping.join(TIMEOUT)  # it reads to the end first: closing under it would raise
         self.proc.stderr.close()
 
 
